@@ -53,11 +53,17 @@ class LoggerConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    every_n_steps: Optional[int] = MISSING  # probe every exit layer against the exact loss; null = never
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     data: Any = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    diagnostics: DiagnosticsConfig = MISSING
     exit_layer: int = MISSING
     frac: float = MISSING
     criterion: str = MISSING
@@ -97,6 +103,10 @@ def validate(cfg) -> None:
         raise ConfigError(f"trainer.device={t.device} is not allowed; choose auto, cpu, cuda, cuda:N or mps")
     for key in ("max_steps", "max_time_s", "eval_every_steps", "eval_every_s"):
         _positive_or_null(f"trainer.{key}", t[key])
+    _positive_or_null("diagnostics.every_n_steps", cfg.diagnostics.every_n_steps)
+    if t.scheduler not in ("constant", "constant_with_warmup") and t.max_steps is None:
+        raise ConfigError(f"trainer.scheduler={t.scheduler} decays over trainer.max_steps, which is null; "
+                          "set trainer.max_steps or use constant_with_warmup")
     if t.max_steps is None and t.max_time_s is None:
         raise ConfigError("trainer.max_steps and trainer.max_time_s are both null; set at least one budget")
     _one_of("logger.backend", cfg.logger.backend, ("wandb", "none"))

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
-METRICS, SUMMARY = "metrics.jsonl", "summary.json"
+METRICS, SUMMARY, DIAGNOSTICS = "metrics.jsonl", "summary.json", "diagnostics.jsonl"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -60,7 +60,7 @@ class Recorder:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
-        self._metrics = open(self.run_dir / METRICS, "a", buffering=1)  # line-buffered: a crash keeps rows
+        self._files: dict = {}
         self.wandb = None
         if logger_cfg.backend == "wandb":
             self._init_wandb(logger_cfg, config, name, group, job_type, tags)
@@ -78,7 +78,7 @@ class Recorder:
                 reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"),
             )
             self.wandb.define_metric("train_time_s")
-            for key in ("val_*", "train_loss", "lr", "samples_*", "step"):
+            for key in ("val_*", "train_loss", "lr", "samples_*", "step", "score_*", "spearman_*", "overlap_*"):
                 self.wandb.define_metric(key, step_metric="train_time_s")
             self.wandb.define_metric("val_acc", step_metric="train_time_s", summary="max,last")
         except Exception as err:  # W&B is a sink: it never stops training
@@ -94,13 +94,18 @@ class Recorder:
             warnings.warn(f"W&B stopped logging ({err}); the local record in {self.run_dir} stays complete")
             self.wandb = None
 
-    def log(self, row: dict) -> None:
-        self.rows.append(row)
-        self._metrics.write(json.dumps(row) + "\n")
+    def log(self, row: dict, file: str = METRICS) -> None:
+        """One row to a JSON-lines file of the run folder (metrics by default), and the same row to W&B."""
+        if file == METRICS:
+            self.rows.append(row)
+        if file not in self._files:
+            self._files[file] = open(self.run_dir / file, "a", buffering=1)  # line-buffered: a crash keeps rows
+        self._files[file].write(json.dumps(row) + "\n")
         self._to_wandb(lambda r: self.wandb.log(r), row)
 
     def finish(self, summary: dict) -> None:
-        self._metrics.close()
+        for f in self._files.values():
+            f.close()
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
         flat.update(summary.get("targets", {}))

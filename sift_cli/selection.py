@@ -33,3 +33,15 @@ def top(scores: Tensor, keep: int) -> Tensor:
 def random_subset(batch_size: int, keep: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """`keep` distinct indices drawn uniformly: the control arm, which costs no scoring pass."""
     return torch.randperm(batch_size, generator=generator, device=generator.device)[:keep].to(device)
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two score vectors (ties get their average rank)."""
+    from scipy.stats import spearmanr  # diagnostics only, off the training clock
+
+    return float(spearmanr(a.float().cpu().numpy(), b.float().cpu().numpy()).statistic)
+
+
+def overlap(chosen: Tensor, reference: Tensor) -> float:
+    """Fraction of the reference selection that `chosen` also selects."""
+    return torch.isin(chosen, reference).float().mean().item()

@@ -11,6 +11,7 @@ from typing import Optional
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,7 @@ from sift_cli.trainer import fit
 
 log = logging.getLogger("sift_cli")
 CONF = Path(__file__).resolve().parents[1] / "conf"
+HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,6 +34,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def build(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, letting a ConfigError raised by the target through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
+
+
 def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: Optional[str] = None,
         show_progress: bool = False) -> dict:
     """One training run, from a composed config to a complete record in `run_dir`."""
@@ -39,13 +51,13 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     choices = choices or {}
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.seed)
-    data = instantiate(cfg.data)
+    data = build(cfg.data)
     model_name = choices.get("model") or cfg.model._target_.rsplit(".", 1)[-1]
     task = get_class(cfg.model._target_).task
     if task != data.task:
         raise ConfigError(f"model={model_name} trains on {task} data but data={choices.get('data', '?')} "
                           f"is {data.task} data; pick a data choice of the same task")
-    model = instantiate(cfg.model, **data.model_args).to(device)
+    model = build(cfg.model, **data.model_args).to(device)
     check_exit_layer(cfg.exit_layer, model.depth, model_name)
     arm = method(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth)
     name = run_name(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth, cfg.seed)
@@ -112,8 +124,7 @@ def precheck(args: list[str]) -> None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
 
-    if any(a in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--shell-completion", "-sc")
-           for a in args):
+    if any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in args):
         return
     overrides = [a for a in args if "=" in a and not a.startswith("-") and not a.startswith("hydra")]
     try:
@@ -125,24 +136,23 @@ def precheck(args: list[str]) -> None:
             for job in jobs:
                 try:
                     validate(compose(config_name="config", overrides=job))
-                except MissingConfigException as err:
-                    group = next((o.split("=")[0].lstrip("+~") for o in job if o.split("=")[0].lstrip("+~")
-                                  in (err.options and [err.config_name.split("/")[0]] or [])), None)
-                    raise ConfigError(_missing(err, group)) from None
+                except MissingConfigException as err:  # an unknown choice in a config group
+                    group, _, value = (err.missing_cfg_file or "").partition("/")
+                    if not err.options:
+                        raise ConfigError(_first_lines(err)) from None
+                    raise ConfigError(f"{group}={value} is not a known {group}; choose one of: "
+                                      f"{', '.join(sorted(err.options))}") from None
                 except HydraException as err:
-                    raise ConfigError(str(err).strip().splitlines()[0]) from None
+                    raise ConfigError(_first_lines(err)) from None
     finally:
         GlobalHydra.instance().clear()
 
 
-def _missing(err, group) -> str:
-    name = getattr(err, "config_name", "") or ""
-    group = group or name.split("/")[0]
-    value = name.split("/", 1)[-1]
-    options = sorted(p.stem for p in (CONF / group).glob("*.yaml")) if (CONF / group).is_dir() else []
-    if options:
-        return f"{group}={value} is not a known {group}; choose one of: {', '.join(options)}"
-    return str(err).strip().splitlines()[0]
+def _first_lines(err: Exception) -> str:
+    """Hydra's own message, the first two lines (what went wrong, then why) joined into one."""
+    text = f"{err}\n{err.__cause__ or ''}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines[:2])
 
 
 def main() -> None:

@@ -10,13 +10,14 @@ import time
 from typing import Optional
 
 import torch
+from torch import Tensor
 from hydra.utils import instantiate
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import get_scheduler
 
 from sift_cli.config import ConfigError, step_sizes
-from sift_cli.records import Recorder
-from sift_cli.selection import random_subset, top
+from sift_cli.records import DIAGNOSTICS, Recorder
+from sift_cli.selection import overlap, random_subset, spearman, top
 
 
 class Clock:
@@ -80,11 +81,50 @@ def evaluate(model, batches: list[dict], autocast) -> dict:
     return row
 
 
-def progress_bar(enabled: bool, total: float):
+def progress_bar(enabled: bool) -> Progress:
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.fields[step]}"),
                TextColumn("{task.fields[rate]:,.0f} samples/s"), TextColumn("val_acc {task.fields[val_acc]}"),
                TimeElapsedColumn()]
     return Progress(*columns, disable=not enabled, transient=False)
+
+
+def train_step(model, batch: dict, optimizer, scheduler, autocast, *, frac: float, criterion: str,
+               exit_layer: int, kept: int, generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
+    """One step: score -> select -> update. Returns the loss and, when scored, (sum of scores, sum kept)."""
+    score_sums = None
+    if frac < 1:  # vanilla never scores
+        if criterion == "random":
+            keep = random_subset(len(batch["labels"]), kept, generator, batch["labels"].device)
+        else:
+            with torch.no_grad(), eval_mode(model), autocast():
+                scores = model.exit_scores(batch, exit_layer, criterion)
+            keep = top(scores, kept)
+            score_sums = torch.stack([scores.sum(), scores[keep].sum()])
+        batch = take(batch, keep)
+    with autocast():
+        loss = model.loss(batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return loss.detach(), score_sums
+
+
+@torch.no_grad()
+def diagnose(model, probe: dict, frac: float, criterion: str, autocast) -> dict:
+    """How well each exit layer's score ranks the probe batch against the exact per-sample loss."""
+    criterion = criterion if criterion in ("loss", "entropy") else "loss"
+    keep = step_sizes(len(probe["labels"]), frac, "scored")[1]
+    model.eval()
+    with autocast():
+        exact = model.exit_scores(probe, model.depth, "loss")
+        scores = {k: model.exit_scores(probe, k, criterion) for k in range(1, model.depth + 1)}
+    model.train()
+    row = {}
+    for k, s in scores.items():
+        row[f"spearman_k{k}"] = spearman(s, exact)
+        row[f"overlap_k{k}"] = overlap(top(s, keep), top(exact, keep))
+    return row
 
 
 def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress: bool) -> dict:
@@ -98,57 +138,54 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.max_steps)
     autocast = autocast_for(t.precision, device)
-    pick = torch.Generator(device="cpu").manual_seed(cfg.seed)  # the random arm's own stream
+    step_args = dict(frac=cfg.frac, criterion=cfg.criterion, exit_layer=cfg.exit_layer, kept=kept,
+                     generator=torch.Generator().manual_seed(cfg.seed))  # the random arm's own stream
     val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size)]
+    diagnose_every = cfg.diagnostics.every_n_steps
     max_steps, max_time = t.max_steps or math.inf, t.max_time_s or math.inf
-    clock = Clock(device)
-    step = seen = backpropagated = 0
-    loss_sum, loss_steps = torch.zeros((), device=device), 0
     next_eval_s = t.eval_every_s or math.inf
-    wall_start = time.perf_counter()
+    clock, wall_start = Clock(device), time.perf_counter()
+    step = seen = backpropagated = 0
+    window = []  # (loss, score sums) of the steps since the last evaluation, still on the device
 
     def log_eval() -> dict:
-        nonlocal loss_sum, loss_steps
+        losses = [loss for loss, _ in window]
         row = {"step": step, "train_time_s": clock.total, "wall_time_s": time.perf_counter() - wall_start,
                "samples_seen": seen, "samples_backpropagated": backpropagated,
                **evaluate(model, val, autocast),
-               "train_loss": loss_sum.item() / loss_steps if loss_steps else None,
+               "train_loss": torch.stack(losses).mean().item() if losses else None,
                "lr": scheduler.get_last_lr()[0]}
-        loss_sum, loss_steps = torch.zeros((), device=device), 0
+        sums = [s for _, s in window if s is not None]
+        if sums and scored > kept:  # mean score of the kept and of the dropped samples
+            total, kept_sum = torch.stack(sums).sum(0).tolist()
+            row["score_kept"] = kept_sum / (len(sums) * kept)
+            row["score_dropped"] = (total - kept_sum) / (len(sums) * (scored - kept))
+        window.clear()
         record.log(row)
         return row
 
     last = log_eval()  # the starting point of every curve: step 0, time 0
     interrupted = False
-    with progress_bar(show_progress, max_time if t.max_time_s else max_steps) as bar:
-        task = bar.add_task("train", total=max_time if t.max_time_s else max_steps, step=0, rate=0.0,
-                            val_acc=f"{last['val_acc']:.4f}")
+    bar_total = max_time if t.max_time_s else max_steps
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task("train", total=bar_total, step=0, rate=0.0, val_acc=f"{last['val_acc']:.4f}")
         model.train()
         clock.start()
         try:
             for batch in data.train_batches(scored, cfg.seed):
-                batch = to_device(batch, device)
-                if cfg.frac < 1:  # vanilla never scores
-                    if cfg.criterion == "random":
-                        keep = random_subset(scored, kept, pick, device)
-                    else:
-                        with torch.no_grad(), eval_mode(model), autocast():
-                            scores = model.exit_scores(batch, cfg.exit_layer, cfg.criterion)
-                        keep = top(scores, kept)
-                    batch = take(batch, keep)
-                with autocast():
-                    loss = model.loss(batch)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-
+                window.append(train_step(model, to_device(batch, device), optimizer, scheduler, autocast,
+                                         **step_args))
                 step, seen, backpropagated = step + 1, seen + scored, backpropagated + kept
-                loss_sum, loss_steps = loss_sum + loss.detach(), loss_steps + 1
                 elapsed = clock.peek()
-                bar.update(task, completed=elapsed if t.max_time_s else step, step=step, rate=seen / max(elapsed, 1e-9))
+                bar.update(task, completed=elapsed if t.max_time_s else step, step=step,
+                           rate=seen / max(elapsed, 1e-9))
                 if step >= max_steps or elapsed >= max_time:
                     break
+                if diagnose_every and step % diagnose_every == 0:
+                    clock.stop()  # diagnostics, like evaluation, are not training time
+                    record.log({"step": step, "train_time_s": clock.total,
+                                **diagnose(model, val[0], cfg.frac, cfg.criterion, autocast)}, DIAGNOSTICS)
+                    clock.start()
                 if (t.eval_every_steps and step % t.eval_every_steps == 0) or elapsed >= next_eval_s:
                     clock.stop()
                     last = log_eval()
@@ -163,7 +200,6 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
             last = log_eval()
         bar.update(task, val_acc=f"{last['val_acc']:.4f}")
 
-    rows = record.rows
     return {
         "status": "interrupted" if interrupted else "completed",
         "steps": step,
@@ -175,5 +211,5 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         "samples_backpropagated_per_step": kept,
         "final_val_acc": last["val_acc"],
         "final_val_loss": last["val_loss"],
-        "best_val_acc": max(r["val_acc"] for r in rows),
+        "best_val_acc": max(r["val_acc"] for r in record.rows),
     }

@@ -1,0 +1,69 @@
+import torch
+import torch.nn.functional as F
+
+from sift_cli.models.bert import BertMLM
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return BertMLM(vocab_size=50, num_layers=3, hidden_size=32, num_heads=2, intermediate_size=64,
+                   max_position=64).eval()
+
+
+def masked_batch(seed=0, batch=6, length=16, vocab=50):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, length), generator=g)
+    labels = torch.full_like(ids, -100)
+    mask = torch.rand(batch, length, generator=g) < 0.3
+    mask[:, 1] = True  # every sample has at least one masked token
+    labels[mask] = ids[mask]
+    inputs = ids.masked_fill(mask, 4)
+    return {"input_ids": inputs, "labels": labels}
+
+
+def test_masked_only_loss_equals_bert_for_masked_lm():
+    model, batch = tiny_model(), masked_batch()
+    reference = model.mlm(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert torch.allclose(model.loss(batch), reference, atol=1e-5)
+
+
+def test_exact_exit_score_is_the_per_sample_loss_of_the_full_model():
+    model, batch = tiny_model(), masked_batch()
+    with torch.no_grad():
+        scores = model.exit_scores(batch, model.depth, "loss")
+        logits = model.mlm(input_ids=batch["input_ids"]).logits
+    token_loss = F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none", ignore_index=-100)
+    masked = batch["labels"] != -100
+    expected = (token_loss * masked).sum(1) / masked.sum(1)
+    assert torch.allclose(scores, expected, atol=1e-5)
+
+
+def test_every_exit_layer_scores_each_sample():
+    model, batch = tiny_model(), masked_batch()
+    with torch.no_grad():
+        for k in range(1, model.depth + 1):
+            for criterion in ("loss", "entropy"):
+                s = model.exit_scores(batch, k, criterion)
+                assert s.shape == (6,) and torch.isfinite(s).all() and (s > 0).all()
+        early, exact = model.exit_scores(batch, 1, "loss"), model.exit_scores(batch, 3, "loss")
+    assert not torch.allclose(early, exact)  # layer 1 is an approximation, not the exact loss
+
+
+def test_entropy_score_is_the_mean_predictive_entropy_at_masked_positions():
+    model, batch = tiny_model(), masked_batch()
+    with torch.no_grad():
+        scores = model.exit_scores(batch, model.depth, "entropy")
+        logp = torch.log_softmax(model.mlm(input_ids=batch["input_ids"]).logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    masked = batch["labels"] != -100
+    assert torch.allclose(scores, (entropy * masked).sum(1) / masked.sum(1), atol=1e-5)
+
+
+def test_evaluate_sums_reduce_exactly_across_batches():
+    model, batch = tiny_model(), masked_batch()
+    whole = model.evaluate(batch)
+    halves = [model.evaluate({k: v[s] for k, v in batch.items()}) for s in (slice(0, 3), slice(3, 6))]
+    for key in whole:
+        assert torch.allclose(whole[key].float(), sum(h[key] for h in halves).float(), atol=1e-4)
+    assert whole["count"] == (batch["labels"] != -100).sum()
+    assert torch.allclose(whole["loss_sum"] / whole["count"], model.loss(batch), atol=1e-5)
