@@ -36,6 +36,10 @@ def cache_root(cache_dir: Optional[str]) -> Path:
     return root
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _digest(*parts) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -121,8 +125,8 @@ def hf_corpus(name: str, text_column: str, config_name=None, split="train", data
     try:
         ds = datasets.load_dataset(name, config_name, split=split, data_files=data_files)
     except Exception as err:  # datasets raises many types for a bad name, split or file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"data.name={name} could not be loaded by datasets.load_dataset: {first}") from None
+        raise ConfigError(f"data.name={name} could not be loaded by datasets.load_dataset: {_first_line(err)}"
+                          ) from None
     if text_column not in ds.column_names:
         raise ConfigError(
             f"data.text_column={text_column} is not a column of {name}; columns: {', '.join(ds.column_names)}"
@@ -223,8 +227,9 @@ def build(docs: list[str], corpus: str, vocab_size: int, seq_len: int, val_fract
     if tokenizer:  # continued pre-training keeps the checkpoint's vocabulary
         try:
             tok = AutoTokenizer.from_pretrained(tokenizer)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"model.pretrained={tokenizer} has no loadable tokenizer: {err}") from None
+        except Exception as err:  # transformers raises OSError, ValueError, JSON errors, ...
+            raise ConfigError(f"model.pretrained={tokenizer} could not be loaded as a tokenizer "
+                              f"(a save_pretrained folder or a hub name): {_first_line(err)}") from None
     else:
         tok = train_wordpiece(train_docs, vocab_size, cache / "tokenizers" / f"{key}.json")
     packed = cache / "packed" / f"{key}.pt"

@@ -1,0 +1,188 @@
+"""End-to-end runs on a tiny corpus: records, step accounting, selection, W&B, the CLI's errors."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config, sift_train, tiny_overrides
+from sift_cli.config import ConfigError
+from sift_cli.models.bert import BertMLM
+from sift_cli.records import read_metrics
+from sift_cli.train import run
+
+
+def rows_of(run_dir):
+    return read_metrics(Path(run_dir))
+
+
+def test_sift_run_records_monotone_time_and_backpropagates_ceil_frac_b(corpus_file, tmp_path, monkeypatch):
+    sizes, scored = [], []
+    loss, exit_scores = BertMLM.loss, BertMLM.exit_scores
+    monkeypatch.setattr(BertMLM, "loss", lambda self, b: (sizes.append(len(b["labels"])), loss(self, b))[1])
+    monkeypatch.setattr(BertMLM, "exit_scores",
+                        lambda self, b, k, c: (scored.append((len(b["labels"]), k, c)), exit_scores(self, b, k, c))[1])
+    cfg = make_config(tiny_overrides(corpus_file, "frac=0.3", "exit_layer=1"))
+    summary = run(cfg, tmp_path)
+
+    assert sizes == [math.ceil(0.3 * 8)] * 6  # every update saw exactly ceil(frac*B) rows
+    assert scored == [(8, 1, "loss")] * 6  # every step scored the whole batch at exit layer 1
+    rows = rows_of(tmp_path)
+    assert [r["step"] for r in rows] == [0, 3, 6]
+    times = [r["train_time_s"] for r in rows]
+    assert times[0] == 0 and all(a < b for a, b in zip(times, times[1:]))
+    assert [r["samples_backpropagated"] for r in rows] == [0, 9, 18]
+    assert [r["samples_seen"] for r in rows] == [0, 24, 48]
+    for r in rows:
+        assert 0 <= r["val_acc"] <= 1 and r["val_loss"] > 0 and "lr" in r
+    assert rows[1]["score_kept"] >= rows[1]["score_dropped"]  # top-k keeps the highest scores
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["method"] == "sift-loss" and on_disk["run_name"] == "sift-loss-k1-f0.3-s0"
+    assert on_disk["samples_backpropagated"] == 18 and on_disk["final_val_acc"] == rows[-1]["val_acc"]
+    assert on_disk["train_time_s"] == pytest.approx(times[-1])
+    assert on_disk["config"]["frac"] == 0.3 and summary["steps"] == 6
+
+
+def test_vanilla_runs_no_scoring_pass(corpus_file, tmp_path, monkeypatch):
+    def forbidden(*args):
+        raise AssertionError("vanilla must not score")
+
+    monkeypatch.setattr(BertMLM, "exit_scores", forbidden)
+    summary = run(make_config(tiny_overrides(corpus_file, "frac=1.0")), tmp_path)
+    assert summary["method"] == "vanilla" and summary["samples_backpropagated"] == summary["samples_seen"] == 48
+
+
+def test_random_arm_keeps_the_same_count_without_scoring(corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(BertMLM, "exit_scores", lambda *a: pytest.fail("random must not score"))
+    summary = run(make_config(tiny_overrides(corpus_file, "criterion=random")), tmp_path)
+    assert summary["method"] == "random" and summary["samples_backpropagated"] == 6 * 4
+
+
+def test_updated_batch_mode_scores_b_over_frac_and_keeps_b(corpus_file, tmp_path):
+    summary = run(make_config(tiny_overrides(corpus_file, "trainer.batch_mode=updated", "frac=0.5")), tmp_path)
+    assert (summary["samples_scored_per_step"], summary["samples_backpropagated_per_step"]) == (16, 8)
+
+
+def test_exact_arm_and_diagnostics(corpus_file, tmp_path):
+    summary = run(make_config(tiny_overrides(corpus_file, "exit_layer=2", "diagnostics.every_n_steps=2")), tmp_path)
+    assert summary["method"] == "exact"
+    diag = [json.loads(line) for line in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in diag] == [2, 4]
+    for d in diag:
+        assert d["spearman_k2"] == pytest.approx(1.0) and d["overlap_k2"] == 1.0  # layer L is exact
+        assert -1 <= d["spearman_k1"] <= 1 and 0 <= d["overlap_k1"] <= 1
+
+
+def test_time_budget_stops_training(corpus_file, tmp_path):
+    cfg = make_config(tiny_overrides(corpus_file, "trainer.max_steps=null", "trainer.max_time_s=2",
+                                     "trainer.eval_every_steps=null", "trainer.eval_every_s=1"))
+    summary = run(cfg, tmp_path)
+    assert 2 <= summary["train_time_s"] < 4 and summary["steps"] > 1
+    assert len(rows_of(tmp_path)) >= 3  # step 0, at least one timed evaluation, the final one
+
+
+def test_same_seed_same_result_and_validation_is_masked_identically(corpus_file, tmp_path):
+    a = run(make_config(tiny_overrides(corpus_file)), tmp_path / "a")
+    b = run(make_config(tiny_overrides(corpus_file)), tmp_path / "b")
+    c = run(make_config(tiny_overrides(corpus_file, "seed=1")), tmp_path / "c")
+    assert a["final_val_loss"] == pytest.approx(b["final_val_loss"], rel=1e-4)
+    assert c["final_val_loss"] != pytest.approx(a["final_val_loss"], rel=1e-6)
+    # step 0 is the same untrained model only within a seed, but the masked validation tokens are shared
+    first = [rows_of(tmp_path / d)[0] for d in "ab"]
+    assert first[0]["val_loss"] == first[1]["val_loss"]
+
+
+def test_pretrained_checkpoint_from_a_local_folder(corpus_file, tmp_path):
+    from sift_cli.data.text import text_file_corpus, train_wordpiece
+
+    tokenizer = train_wordpiece(text_file_corpus([str(corpus_file)]), 200, tmp_path / "tok.json")
+    torch.manual_seed(0)
+    source = BertMLM(vocab_size=len(tokenizer), num_layers=2, hidden_size=32, num_heads=2)
+    ckpt = tmp_path / "ckpt"
+    source.mlm.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+
+    loaded = BertMLM(vocab_size=1, pretrained=str(ckpt))  # the checkpoint's vocabulary wins
+    assert loaded.depth == 2
+    assert torch.equal(loaded.mlm.bert.embeddings.word_embeddings.weight,
+                       source.mlm.bert.embeddings.word_embeddings.weight)
+    summary = run(make_config(tiny_overrides(corpus_file, f"model.pretrained={ckpt}")), tmp_path / "run")
+    assert summary["depth"] == 2 and summary["steps"] == 6
+
+    weights = next(ckpt.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
+    with pytest.raises(ConfigError, match=f"model.pretrained={ckpt} could not be loaded as a BERT checkpoint"):
+        BertMLM(vocab_size=1, pretrained=str(ckpt))
+
+
+def test_offline_wandb_run_holds_the_logged_keys(corpus_file, tmp_path, offline_env):
+    overrides = [o for o in tiny_overrides(corpus_file) if o != "logger=none"]
+    run(make_config(overrides + ["logger=wandb", f"logger.dir={tmp_path / 'wb'}", "targets=[0.01]"]),
+        tmp_path / "run")
+    [log] = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    deadline = time.time() + 30  # W&B's service process writes the log file after finish() returns
+    while b"best_val_acc" not in log.read_bytes() and time.time() < deadline:
+        time.sleep(0.2)
+    raw = log.read_bytes()
+    for key in (b"val_acc", b"val_loss", b"train_time_s", b"samples_backpropagated", b"train_loss",
+                b"sift-loss-k1-f0.5-s0", b"time_to_target/0.01", b"best_val_acc"):
+        assert key in raw, key
+
+
+def test_wandb_failure_warns_and_keeps_the_local_record(corpus_file, tmp_path, monkeypatch):
+    import wandb
+
+    def broken(*a, **k):
+        raise RuntimeError("no wandb today")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    overrides = [o for o in tiny_overrides(corpus_file) if o != "logger=none"]
+    with pytest.warns(UserWarning, match="no wandb today"):
+        run(make_config(overrides + ["logger=wandb"]), tmp_path)
+    assert len(rows_of(tmp_path)) == 3 and (tmp_path / "summary.json").exists()
+
+
+# --- the CLI as users type it ------------------------------------------------------------------
+
+
+def test_cli_multirun_sweep_writes_one_run_folder_per_job(corpus_file, tmp_path):
+    out = sift_train("--multirun", "frac=0.5,1.0", "criterion=loss,entropy", *tiny_overrides(corpus_file),
+                     f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
+    assert sorted(s["method"] for s in summaries) == ["sift-entropy", "sift-loss", "vanilla", "vanilla"]
+    assert out.stdout.count("val_acc") == 4  # one summary line per run
+
+
+def test_cli_help_and_cfg_show_groups_and_the_composed_config():
+    help_text = sift_train("--help").stdout
+    for group in ("model", "data", "trainer", "logger", "experiment", "debug"):
+        assert f"{group}:" in help_text
+    job = sift_train("--cfg", "job", "model=bert", "frac=0.25").stdout
+    assert "num_layers: 12" in job and "frac: 0.25" in job
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model=gpt2"], "model=gpt2 is not a known model"),
+    (["criterion=margin"], "criterion=margin is not allowed"),
+    (["frac=1.5"], "frac=1.5 is outside (0, 1]"),
+    (["exit_layer=3"], "exit_layer=3 is beyond bert_tiny, which has 2 blocks; choose 1..2"),
+    (["trainer.max_time_s=-5"], "trainer.max_time_s=-5.0 must be positive"),
+    (["data.paths=[/no/such/file.txt]"], "data.paths contains /no/such/file.txt, which is not a file"),
+    (["data.paths=[EMPTY]"], "which holds no text"),
+    (["model.pretrained=CORRUPT"], "could not be loaded as a tokenizer"),
+])
+def test_cli_bad_input_is_one_line_exit_2_no_traceback(args, message, corpus_file, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "config.json").write_text("{ not json")
+    base = [a for a in tiny_overrides(corpus_file) if not a.startswith("data.paths")]
+    args = [a.replace("EMPTY", str(tmp_path / "empty.txt")).replace("CORRUPT", str(tmp_path / "corrupt"))
+            for a in args]
+    out = sift_train(*base, f"data.paths=[{corpus_file}]", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
