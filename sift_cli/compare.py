@@ -92,17 +92,6 @@ def find_run_folders(paths: list[str]) -> list[Path]:
     return list(found)
 
 
-def read_probes(path: Path) -> list[dict]:
-    """Rows of diagnostics.jsonl. Raises ValueError naming the file and line of a corrupt row."""
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rows.extend([json.loads(line)] if line.strip() else [])
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number} is not a JSON line") from None
-    return rows
-
-
 def load_run(folder: Path) -> Optional[Run]:
     """The run's records, or None (with a warning) when they are incomplete or corrupt."""
     if not (folder / SUMMARY).exists():
@@ -128,7 +117,7 @@ def load_run(folder: Path) -> Optional[Run]:
     diagnostics = []
     if (folder / DIAGNOSTICS).exists():
         try:
-            diagnostics = read_probes(folder / DIAGNOSTICS)
+            diagnostics = read_metrics(folder, DIAGNOSTICS)
         except ValueError as err:
             warn(f"{err}; plotting no diagnostics for {folder}")
     return Run(folder, summary, rows, diagnostics)

@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 METRICS, SUMMARY, DIAGNOSTICS = "metrics.jsonl", "summary.json", "diagnostics.jsonl"
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Rows of a run's metrics.jsonl. Raises ValueError naming the file and line of a corrupt row."""
-    path = Path(run_dir) / METRICS
+def read_metrics(run_dir: Path, file: str = METRICS) -> list[dict]:
+    """Rows of a run's metrics.jsonl (or another JSON-lines record). Raises ValueError naming a corrupt line."""
+    path = Path(run_dir) / file
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
