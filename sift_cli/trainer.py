@@ -10,9 +10,9 @@ import time
 from typing import Optional
 
 import torch
-from torch import Tensor
 from hydra.utils import instantiate
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor
 from transformers import get_scheduler
 
 from sift_cli.config import ConfigError, step_sizes
@@ -43,7 +43,7 @@ class Clock:
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
-    """Dropout off (and batch-norm statistics frozen) for the scoring pass."""
+    """Dropout off and batch-norm statistics frozen, for scoring and evaluation."""
     model.eval()
     try:
         yield
@@ -69,10 +69,8 @@ def autocast_for(precision: str, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model, batches: list[dict], autocast) -> dict:
-    model.eval()
-    with autocast():
+    with eval_mode(model), autocast():
         sums = [model.evaluate(b) for b in batches]
-    model.train()
     total = {k: sum(s[k] for s in sums).item() for k in sums[0]}
     row = {"val_acc": total["correct"] / total["count"], "val_loss": total["loss_sum"] / total["count"]}
     # extra accuracies a model reports, e.g. an exit head's "exit_correct" -> "val_exit_acc"
@@ -115,11 +113,9 @@ def diagnose(model, probe: dict, frac: float, criterion: str, autocast) -> dict:
     """How well each exit layer's score ranks the probe batch against the exact per-sample loss."""
     criterion = criterion if criterion in ("loss", "entropy") else "loss"
     keep = step_sizes(len(probe["labels"]), frac, "scored")[1]
-    model.eval()
-    with autocast():
+    with eval_mode(model), autocast():
         exact = model.exit_scores(probe, model.depth, "loss")
         scores = {k: model.exit_scores(probe, k, criterion) for k in range(1, model.depth + 1)}
-    model.train()
     row = {}
     for k, s in scores.items():
         row[f"spearman_k{k}"] = spearman(s, exact)
