@@ -1,0 +1,381 @@
+"""Cost of one SIFT training step against its floor, and vanilla against a hand-written loop.
+
+Every arm runs the product's own step: `sift_cli.trainer.fit` with a recorder that keeps rows in
+memory, on the model and masked batches the app builds (`conf/model/*.yaml`, `data=docstrings`).
+fit() logs the training clock at every evaluation, so with `trainer.eval_every_steps=W` and
+`trainer.max_steps=W+N` the clock difference between steps W and W+N is the time of N steps after
+W warm-up steps, evaluation excluded. Arms run interleaved, in a fresh order each repetition, so a
+change of machine load touches every arm alike; ratios are taken within a repetition.
+
+The floor of a SIFT step, relative to a vanilla step, is FLOPs(scoring pass up to exit k, exit
+head included) / FLOPs(vanilla forward+backward) + frac, counted with FlopCounterMode on the real
+model; the simple estimate k/(3L) + frac stands beside it.
+
+    python benchmarks/step_cost.py                 # CPU: bert_tiny, bert_mini at 32x128, bert at 8x128
+    python benchmarks/step_cost.py --quick         # bert_tiny and bert_mini, exits 1 and L at frac 0.5
+    python benchmarks/step_cost.py --model bert_mini:128x128 --exits 1,L --fracs 0.5 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from hydra.utils import instantiate
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
+
+from common import RESULTS, app_config, command_line, machine, markdown_table, spread
+from sift_cli.config import step_sizes, validate
+from sift_cli.records import METRICS
+from sift_cli.trainer import Clock, autocast_for, eval_mode, fit, to_device, train_step
+
+TARGET = ("bert_mini", 32, 1, 0.5)  # (model, batch, exit, frac) where measured/floor must stay <= 1.05
+LIMIT = 1.05
+
+# FlopCounterMode has no formula for the CPU attention kernel (CUDA's flash/efficient kernels have
+# one), so on CPU it would miss the attention matmuls; these count them as torch counts CUDA's.
+_CPU_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_CPU_ATTENTION_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _attention_flops(query_shape, key_shape, value_shape) -> int:
+    b, h, s_q, d_qk = query_shape
+    s_k, d_v = key_shape[2], value_shape[-1]
+    return 2 * b * h * s_q * s_k * (d_qk + d_v)  # q @ k^T, then weights @ v
+
+
+if _CPU_ATTENTION not in flop_registry:
+    @register_flop_formula(_CPU_ATTENTION)
+    def _cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return _attention_flops(query_shape, key_shape, value_shape)
+
+if _CPU_ATTENTION_BACKWARD not in flop_registry:
+    @register_flop_formula(_CPU_ATTENTION_BACKWARD)
+    def _cpu_attention_backward(grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                **kwargs) -> int:
+        return 2 * _attention_flops(query_shape, key_shape, value_shape)  # gradients of both matmuls
+
+
+@dataclass(frozen=True)
+class Arm:
+    kind: str  # vanilla | sift | random: fit() itself; minimal | textbook: hand-written loops
+    frac: float = 1.0
+    exit_layer: int = 1
+
+    @property
+    def label(self) -> str:
+        return {"sift": f"sift k={self.exit_layer} f={self.frac:g}", "random": f"random f={self.frac:g}"}.get(
+            self.kind, self.kind)
+
+
+@dataclass(frozen=True)
+class Setting:
+    model: str
+    batch: int
+    seq_len: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Setting":
+        """`bert_mini:32x128` -> model bert_mini, 32 sequences of 128 tokens."""
+        model, _, shape = text.partition(":")
+        batch, _, seq_len = (shape or "32x128").partition("x")
+        return cls(model, int(batch), int(seq_len or 128))
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.batch}x{self.seq_len}"
+
+
+class MemoryRecord:
+    """The part of sift_cli.records.Recorder that fit() uses, without files or W&B."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log(self, row: dict, file: str = METRICS) -> None:
+        if file == METRICS:
+            self.rows.append(row)
+
+
+def overrides(setting: Setting, arm: Arm, warmup: int, steps: int, device: str) -> list[str]:
+    return [
+        f"model={setting.model}", "logger=none", f"data.seq_len={setting.seq_len}",
+        # a one-batch validation set: evaluation runs outside the clock, keep it short in wall time too
+        "data.max_val_sequences=4", "trainer.eval_batch_size=4",
+        f"trainer.batch_size={setting.batch}", f"trainer.max_steps={warmup + steps}", "trainer.max_time_s=null",
+        f"trainer.eval_every_steps={warmup}", "trainer.eval_every_s=null", "trainer.progress=false",
+        f"trainer.device={device}", f"frac={arm.frac}", f"exit_layer={arm.exit_layer}",
+        f"criterion={'random' if arm.kind == 'random' else 'loss'}",
+    ]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Bench:
+    """One model size: its data, its model (built as sift_cli.train.run builds them), its arms."""
+
+    def __init__(self, setting: Setting, device: torch.device, warmup: int, steps: int):
+        self.setting, self.device, self.warmup, self.steps = setting, device, warmup, steps
+        base = app_config(overrides(setting, Arm("vanilla"), warmup, steps, str(device)))
+        torch.manual_seed(base.seed)
+        self.data = instantiate(base.data)
+        self.model = instantiate(base.model, **self.data.model_args).to(device)
+        self.depth = self.model.depth
+        self.autocast = autocast_for(base.trainer.precision, device)
+        # pre-masked batches for the hand-written loops, masked by the app's own collator
+        batches = self.data.train_batches(setting.batch, base.seed)
+        self.batches = [to_device(next(batches), device) for _ in range(warmup + steps)]
+
+    def config(self, arm: Arm):
+        cfg = app_config(overrides(self.setting, arm, self.warmup, self.steps, str(self.device)))
+        validate(cfg)
+        return cfg
+
+    def seconds_per_step(self, arm: Arm) -> float:
+        if arm.kind in ("minimal", "textbook"):
+            return self._hand_written(arm.kind)
+        record = MemoryRecord()
+        fit(self.model, self.data, self.config(arm), record, self.device, show_progress=False)
+        clock = {row["step"]: row["train_time_s"] for row in record.rows}
+        return (clock[self.warmup + self.steps] - clock[self.warmup]) / self.steps
+
+    def _hand_written(self, kind: str) -> float:
+        """What a user would write: AdamW on pre-masked batches, the same precision as the app."""
+        model = self.model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        clock = Clock(self.device)  # the trainer's own stopwatch, so both sides are timed alike
+        model.train()
+        for i, batch in enumerate(self.batches):
+            if i == self.warmup:
+                synchronize(self.device)
+                clock.start()
+            with self.autocast():
+                if kind == "minimal":
+                    loss = model.loss(batch)  # masked positions only, as the app trains
+                else:  # the transformers textbook: the MLM head over every position
+                    loss = model.mlm(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return clock.stop() / self.steps
+
+    def flops(self, exit_layer: Optional[int]) -> int:
+        """FLOPs of the scoring pass up to `exit_layer`, or of a vanilla forward+backward (None)."""
+        model, batch = self.model, self.batches[0]
+        with FlopCounterMode(display=False) as counter, self.autocast():
+            if exit_layer is None:
+                model.loss(batch).backward()
+            else:
+                with torch.no_grad(), eval_mode(model):
+                    model.exit_scores(batch, exit_layer, "loss")
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    def profile(self, arm: Arm, steps: int) -> dict[str, tuple[float, float, float]]:
+        """Per operator over `steps` steps of fit(): self CPU ms, self GPU ms and calls, each per step."""
+        cfg = self.config(arm)
+        cfg.trainer.max_steps, cfg.trainer.eval_every_steps = steps, None
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            fit(self.model, self.data, cfg, MemoryRecord(), self.device, show_progress=False)
+        return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.self_device_time_total / 1e3 / steps,
+                        e.count / steps) for e in prof.key_averages()}
+
+    def syncs_per_step(self, arm: Arm) -> str:
+        """Host-device synchronisations in one call of the product's train_step (CUDA only)."""
+        cfg = self.config(arm)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        kept = step_sizes(self.setting.batch, arm.frac, "scored")[1]
+        step_args = dict(frac=arm.frac, criterion=cfg.criterion, exit_layer=arm.exit_layer, kept=kept,
+                         generator=torch.Generator().manual_seed(0))
+        try:  # a diagnostic: should train_step's signature change, the timings above still stand
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for batch in self.batches[:2]:
+                    train_step(self.model, batch, optimizer, scheduler, self.autocast, **step_args)
+        except Exception as err:
+            return f"n/a ({type(err).__name__})"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return f"{sum('synchroniz' in str(w.message) for w in caught) / 2:g}"
+
+
+def arms_for(depth: int, exits: Optional[str], fracs: list[float]) -> list[Arm]:
+    """The reference arms, then SIFT at every (exit, frac) of a small model; a deep one gets its first,
+    second, middle and last exit at the middle frac, and every frac at exit 1."""
+    reference = [Arm("vanilla"), Arm("minimal"), Arm("textbook"), Arm("random", 0.5)]
+    if exits:
+        ks = sorted({depth if k == "L" else int(k) for k in exits.split(",")})
+    elif depth <= 4:
+        ks = list(range(1, depth + 1))
+    else:
+        middle = fracs[len(fracs) // 2]
+        ks = sorted({1, 2, depth // 2, depth})
+        return reference + [Arm("sift", f, 1) for f in fracs] + [Arm("sift", middle, k) for k in ks[1:]]
+    return reference + [Arm("sift", f, k) for k in ks for f in fracs]
+
+
+def profile_table(sift: dict, vanilla: dict, on_gpu: bool, rows: int = 12) -> str:
+    """Top operators by self time in the SIFT step, beside the same operators in a vanilla step."""
+    unit = 1 if on_gpu else 0  # rank by GPU time on a GPU, CPU time otherwise
+    top = sorted(sift, key=lambda op: -sift[op][unit])[:rows]
+    none = (0.0, 0.0, 0.0)
+    header = ["operator", "calls/step", "SIFT CPU ms/step", "vanilla CPU ms/step"]
+    header += ["SIFT GPU ms/step", "vanilla GPU ms/step"] if on_gpu else []
+    table = []
+    for op in top:
+        row = [f"`{op}`", f"{sift[op][2]:.0f}", f"{sift[op][0]:.2f}", f"{vanilla.get(op, none)[0]:.2f}"]
+        row += [f"{sift[op][1]:.2f}", f"{vanilla.get(op, none)[1]:.2f}"] if on_gpu else []
+        table.append(row)
+    return markdown_table(header, table)
+
+
+def measure(bench: Bench, arms: list[Arm], reps: int) -> dict[Arm, list[float]]:
+    times = {arm: [] for arm in arms}
+    for rep in range(reps):
+        order = list(arms)
+        random.Random(rep).shuffle(order)
+        for arm in order:
+            times[arm].append(bench.seconds_per_step(arm))
+        print(f"  {bench.setting}: repetition {rep + 1}/{reps} done", flush=True)
+    return times
+
+
+def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: int,
+                   max_profiles: int) -> tuple[str, list[str]]:
+    """The markdown section of one model size, and one line per point for the console summary."""
+    depth, setting = bench.depth, bench.setting
+    vanilla_flops = bench.flops(None)
+    score_flops = {arm.exit_layer: bench.flops(arm.exit_layer) for arm in times if arm.kind == "sift"}
+    vanilla_times = times[Arm("vanilla")]
+    on_gpu = bench.device.type == "cuda"
+    rows, lines, over = [], [], []
+    for arm, ts in times.items():
+        ratios = [t / v for t, v in zip(ts, vanilla_times)]  # paired within each repetition
+        floor = simple = None
+        if arm.kind == "sift":
+            floor = score_flops[arm.exit_layer] / vanilla_flops + arm.frac
+            simple = arm.exit_layer / (3 * depth) + arm.frac
+        elif arm.kind == "random":
+            floor = simple = arm.frac
+        elif arm.kind == "vanilla":
+            floor = simple = 1.0
+        excess = [r / floor for r in ratios] if floor else None
+        rows.append([arm.label, spread([t * 1e3 for t in ts]), f"{setting.batch / statistics.median(ts):,.0f}",
+                     spread(ratios), f"{floor:.3f}" if floor else "-", f"{simple:.3f}" if simple else "-",
+                     spread(excess) if excess else "-"]
+                    + ([bench.syncs_per_step(arm) if floor else "-"] if on_gpu else []))
+        if arm.kind == "sift" and statistics.median(excess) > LIMIT:
+            over.append((statistics.median(excess), arm))
+        lines.append(f"{setting} {arm.label:>18}: {statistics.median(ts) * 1e3:8.1f} ms/step  "
+                     f"x{statistics.median(ratios):.3f} of vanilla"
+                     + (f"  floor {floor:.3f}  measured/floor {statistics.median(excess):.3f}" if floor else ""))
+    text = [f"### {setting} (L={depth}, {sum(p.numel() for p in bench.model.parameters()):,} parameters, "
+            f"vocabulary {bench.data.model_args['vocab_size']:,})", "",
+            f"Vanilla step: {vanilla_flops / 1e9:.1f} GFLOP; scoring pass: "
+            + ", ".join(f"k={k} {f / 1e9:.2f} GFLOP ({f / vanilla_flops:.3f} of vanilla)"
+                        for k, f in sorted(score_flops.items())) + ".", "",
+            markdown_table(["arm", "ms/step", "samples scored/s", "t / t_vanilla", "FLOP floor", "k/(3L)+frac",
+                            "measured/floor"] + (["host syncs/step"] if on_gpu else []), rows), "",
+            f"Vanilla arm against the hand-written loop: t_vanilla / t_minimal = "
+            f"{spread([v / m for v, m in zip(vanilla_times, times[Arm('minimal')])])} (within 5%: at most 1.05); "
+            f"textbook / minimal = {spread([t / m for t, m in zip(times[Arm('textbook')], times[Arm('minimal')])])}."]
+    over.sort(key=lambda item: -item[0])
+    if over:
+        vanilla_ops = bench.profile(Arm("vanilla"), profile_steps)
+        for excess, arm in over[:max_profiles]:
+            text += ["", f"**{arm.label}: measured/floor {excess:.3f} > {LIMIT}.** Where the time goes "
+                     f"(torch.profiler, self time, {profile_steps} steps of fit() each, one 4-sequence "
+                     "evaluation at each end included):", "",
+                     profile_table(bench.profile(arm, profile_steps), vanilla_ops, on_gpu)]
+        if len(over) > max_profiles:
+            text += ["", f"{len(over) - max_profiles} more points above {LIMIT} were not profiled: "
+                     + ", ".join(a.label for _, a in over[max_profiles:]) + "."]
+    return "\n".join(text), lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", metavar="NAME:BxS",
+                        help="model (conf/model) and batch, repeatable; default bert_tiny:32x128 "
+                             "bert_mini:32x128 bert:8x128")
+    parser.add_argument("--exits", help="exit layers, e.g. 1,2,L (default: all of a model with up to 4 "
+                                        "layers, else 1,2,L/2,L)")
+    parser.add_argument("--fracs", default="0.25,0.5,0.75")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every arm")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the clock counts, each time (at "
+                                                               "least 1, at most --steps)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per repetition (bert: a third)")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--max-profiles", type=int, default=3, help="profiler tables per model at most")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="bert_tiny and bert_mini only, exits 1 and L, frac 0.5")
+    parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/step_cost[-quick].md)")
+    args = parser.parse_args()
+    if args.quick:
+        args.model = args.model or ["bert_tiny:32x128", "bert_mini:32x128"]
+        args.exits, args.fracs, args.reps = args.exits or "1,L", "0.5", min(args.reps, 3)
+        args.steps, args.max_profiles, args.profile_steps = min(args.steps, 4), min(args.max_profiles, 1), 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    settings = [Setting.parse(s) for s in args.model or ["bert_tiny:32x128", "bert_mini:32x128", "bert:8x128"]]
+    out = args.out or RESULTS / f"step_cost{'-quick' if args.quick else ''}.md"
+    fracs = [float(f) for f in args.fracs.split(",")]
+
+    started, load_before = time.perf_counter(), os.getloadavg()
+    sections, lines, target = [], [], None
+    for setting in settings:
+        steps, warmup = args.steps, min(args.warmup, args.steps)
+        if setting.model == "bert" and device.type == "cpu":  # seconds per step: one warm-up, a third timed
+            steps, warmup = max(1, args.steps // 3), 1
+        bench = Bench(setting, device, warmup, steps)
+        arms = arms_for(bench.depth, args.exits, fracs)
+        print(f"{setting}: {len(arms)} arms x {args.reps} repetitions of {warmup}+{steps} steps", flush=True)
+        times = measure(bench, arms, args.reps)
+        section, setting_lines = report_setting(bench, times, args.profile_steps, args.max_profiles)
+        sections.append(section)
+        lines += setting_lines
+        if (setting.model, setting.batch) == TARGET[:2] and Arm("sift", TARGET[3], TARGET[2]) in times:
+            target = next(line for line in setting_lines if f"sift k={TARGET[2]} f={TARGET[3]:g}" in line)
+        del bench
+    elapsed, load_after = time.perf_counter() - started, os.getloadavg()
+
+    print("\n".join(lines))
+    header = [
+        "# SIFT step cost against its floor", "",
+        f"- Command: `{command_line()}` ({elapsed / 60:.1f} min)",
+        f"- Machine: {machine()}; load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end "
+        "(a shared machine: other work runs beside the benchmark)",
+        f"- Device: {device}; precision as the app's `trainer.precision=auto` (bf16 autocast on CUDA, fp32 on CPU)",
+        f"- {args.reps} interleaved repetitions per arm (fresh random order each); cells are median [min, max];"
+        " ratios are paired within a repetition",
+        "- Arms vanilla/sift/random: `sift_cli.trainer.fit` itself (data masking, scoring, selection, update, "
+        "scheduler, clock); per-step time = clock difference between two evaluations, warm-up excluded",
+        "- minimal: hand-written `loss = model.loss(batch); loss.backward(); opt.step(); opt.zero_grad()` on "
+        "pre-masked batches (the floor for vanilla's loop overhead); textbook: "
+        "`BertForMaskedLM(input_ids, labels=labels).loss`, the MLM head over every position, same weights",
+        "- FLOP floor = FLOPs(scoring pass to exit k, exit head included) / FLOPs(vanilla forward+backward) "
+        "+ frac (FlopCounterMode on the real model and batch; the optimizer step is not counted)",
+    ]
+    if target:
+        header += ["", f"**Target point** (measured/floor at most {LIMIT}): `{target.strip()}`"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(header + [""] + ["\n\n".join(sections)]) + "\n")
+    print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    main()
