@@ -41,6 +41,8 @@ def build(node: DictConfig, **kwargs):
     except InstantiationException as err:
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
+        if isinstance(err.__cause__, TypeError):  # a key the target does not take, or a missing one
+            raise ConfigError(f"{node._target_} does not accept this config: {err.__cause__}") from None
         raise
 
 

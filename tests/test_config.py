@@ -63,3 +63,18 @@ def test_precheck_expands_sweeps_so_a_bad_value_stops_the_whole_sweep():
     precheck(["frac=0.25,0.5,1.0", "criterion=loss,entropy"])
     with pytest.raises(ConfigError, match="frac=1.5"):
         precheck(["frac=0.5,1.5"])
+
+
+@pytest.mark.parametrize("overrides", [["data=digits"], ["data=text_files", "data.paths=[CORPUS]"]])
+def test_the_debug_group_builds_with_every_offline_data_choice(overrides, corpus_file):
+    from sift_cli.train import build
+
+    cfg = make_config(["debug=default", *(o.replace("CORPUS", str(corpus_file)) for o in overrides)])
+    assert build(cfg.data).num_train > 0
+
+
+def test_a_key_the_target_does_not_take_is_a_one_line_error():
+    from sift_cli.train import build
+
+    with pytest.raises(ConfigError, match="sift_cli.data.images.digits does not accept this config: .*colour"):
+        build(make_config(["data=digits", "+data.colour=red"]).data)
