@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """A bad value from the user: printed as one line, exit code 2, no traceback."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message, to quote inside a one-line ConfigError."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 @dataclass
 class TrainerConfig:
     batch_size: int = MISSING

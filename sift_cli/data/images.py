@@ -19,13 +19,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.transforms import v2
 
-from sift_cli.config import ConfigError
+from sift_cli.config import ConfigError, first_line
 
 CIFAR_FILES = "cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta"
-
-
-def first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 class View(Dataset):

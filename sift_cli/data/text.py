@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
-from sift_cli.config import ConfigError
+from sift_cli.config import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -34,10 +34,6 @@ def cache_root(cache_dir: Optional[str]) -> Path:
     root = Path(cache_dir or os.environ.get("SIFT_CACHE") or Path.home() / ".cache" / "sift-train")
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _digest(*parts) -> str:
@@ -125,7 +121,7 @@ def hf_corpus(name: str, text_column: str, config_name=None, split="train", data
     try:
         ds = datasets.load_dataset(name, config_name, split=split, data_files=data_files)
     except Exception as err:  # datasets raises many types for a bad name, split or file
-        raise ConfigError(f"data.name={name} could not be loaded by datasets.load_dataset: {_first_line(err)}"
+        raise ConfigError(f"data.name={name} could not be loaded by datasets.load_dataset: {first_line(err)}"
                           ) from None
     if text_column not in ds.column_names:
         raise ConfigError(
@@ -183,8 +179,10 @@ class TextData:
         self._val = self._mask(val_ids, self._collator(mask_seed))
 
     def _collator(self, seed: int) -> DataCollatorForLanguageModeling:
-        collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability, seed=seed)
-        collator.create_rng("pt")
+        collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability)
+        # torch_mask_tokens draws from collator.generator; seeding it here, rather than through the
+        # collator's `seed`, is the same in every transformers release that has it
+        collator.generator = torch.Generator().manual_seed(seed)
         return collator
 
     def _mask(self, ids: Tensor, collator) -> dict[str, Tensor]:
@@ -229,7 +227,7 @@ def build(docs: list[str], corpus: str, vocab_size: int, seq_len: int, val_fract
             tok = AutoTokenizer.from_pretrained(tokenizer)
         except Exception as err:  # transformers raises OSError, ValueError, JSON errors, ...
             raise ConfigError(f"model.pretrained={tokenizer} could not be loaded as a tokenizer "
-                              f"(a save_pretrained folder or a hub name): {_first_line(err)}") from None
+                              f"(a save_pretrained folder or a hub name): {first_line(err)}") from None
     else:
         tok = train_wordpiece(train_docs, vocab_size, cache / "tokenizers" / f"{key}.json")
     packed = cache / "packed" / f"{key}.pt"

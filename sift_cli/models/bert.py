@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import BertConfig, BertForMaskedLM
 
-from sift_cli.config import ConfigError
+from sift_cli.config import ConfigError, first_line
 from sift_cli.selection import per_sample_mean, prediction_scores
 
 IGNORE = -100  # label of a position that is not predicted (transformers' convention)
@@ -24,10 +24,9 @@ def load_pretrained(name_or_path: str) -> BertForMaskedLM:
     try:
         return BertForMaskedLM.from_pretrained(name_or_path, attn_implementation="sdpa")
     except Exception as err:  # missing files, bad JSON, truncated weights: each its own exception type
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
             f"model.pretrained={name_or_path} could not be loaded as a BERT checkpoint "
-            f"(a folder written by save_pretrained or a hub name): {first}"
+            f"(a folder written by save_pretrained or a hub name): {first_line(err)}"
         ) from None
 
 
