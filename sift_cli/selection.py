@@ -20,8 +20,10 @@ def prediction_scores(logits: Tensor, targets: Tensor, criterion: str) -> Tensor
 
 def per_sample_mean(values: Tensor, rows: Tensor, batch_size: int) -> Tensor:
     """Mean of `values` grouped by sample index `rows`; a sample with no values scores 0."""
-    sums = torch.zeros(batch_size, device=values.device, dtype=values.dtype).index_add_(0, rows, values)
-    counts = torch.bincount(rows, minlength=batch_size).clamp_(min=1)
+    # index_add_ rather than bincount: bincount sizes its output from the data, a host sync on CUDA
+    zeros = torch.zeros(batch_size, device=values.device, dtype=values.dtype)
+    sums = zeros.index_add(0, rows, values)
+    counts = zeros.index_add(0, rows, torch.ones_like(values)).clamp_(min=1)
     return sums / counts
 
 
@@ -30,9 +32,9 @@ def top(scores: Tensor, keep: int) -> Tensor:
     return torch.topk(scores, keep, sorted=False).indices
 
 
-def random_subset(batch_size: int, keep: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    """`keep` distinct indices drawn uniformly: the control arm, which costs no scoring pass."""
-    return torch.randperm(batch_size, generator=generator, device=generator.device)[:keep].to(device)
+def random_subset(batch_size: int, keep: int, generator: torch.Generator) -> Tensor:
+    """`keep` distinct indices drawn uniformly on the generator's device: the control arm, no scoring pass."""
+    return torch.randperm(batch_size, generator=generator, device=generator.device)[:keep]
 
 
 def spearman(a: Tensor, b: Tensor) -> float:

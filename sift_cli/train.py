@@ -41,8 +41,10 @@ def build(node: DictConfig, **kwargs):
     except InstantiationException as err:
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
-        if isinstance(err.__cause__, TypeError):  # a key the target does not take, or a missing one
-            raise ConfigError(f"{node._target_} does not accept this config: {err.__cause__}") from None
+        cause, name = err.__cause__, node._target_.rsplit(".", 1)[-1]
+        if isinstance(cause, TypeError) and str(cause).startswith(name) and "argument" in str(cause):
+            # the target's signature refused a key (or misses one); any other TypeError is a bug
+            raise ConfigError(f"{node._target_} does not accept this config: {cause}") from None
         raise
 
 

@@ -56,7 +56,10 @@ def take(batch: dict, index: torch.Tensor) -> dict:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    # from pinned memory the copy is asynchronous: the host queues the step instead of waiting for the GPU
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -92,7 +95,7 @@ def train_step(model, batch: dict, optimizer, scheduler, autocast, *, frac: floa
     score_sums = None
     if frac < 1:  # vanilla never scores
         if criterion == "random":
-            keep = random_subset(len(batch["labels"]), kept, generator, batch["labels"].device)
+            keep = random_subset(len(batch["labels"]), kept, generator)
         else:
             with torch.no_grad(), eval_mode(model), autocast():
                 scores = model.exit_scores(batch, exit_layer, criterion)
@@ -135,7 +138,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                               num_training_steps=t.max_steps)
     autocast = autocast_for(t.precision, device)
     step_args = dict(frac=cfg.frac, criterion=cfg.criterion, exit_layer=cfg.exit_layer, kept=kept,
-                     generator=torch.Generator().manual_seed(cfg.seed))  # the random arm's own stream
+                     generator=torch.Generator(device).manual_seed(cfg.seed))  # the random arm's own stream
     val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size)]
     diagnose_every = cfg.diagnostics.every_n_steps
     max_steps, max_time = t.max_steps or math.inf, t.max_time_s or math.inf
