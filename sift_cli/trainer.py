@@ -30,6 +30,8 @@ class Clock:
         self.since = time.perf_counter()
 
     def stop(self) -> float:
+        if self.since is None:  # already stopped (Ctrl-C during an evaluation)
+            return self.total
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # queued kernels belong to the time just measured
         self.total += time.perf_counter() - self.since
