@@ -6,7 +6,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   bash benchmarks/gpu.sh [all|mini|base]       results in $OUT (6 files, flat)
 #       mini: step cost of bert_mini at 128x128 and the race with bert_mini
 #       base: step cost of bert (BERT-base) at 64x128 and the race with bert
-#       all (default): step cost of both, the race with bert_mini
+#       all (default): step cost of both and of bert at 256x128 (nearer compute-bound), the race with bert_mini
 #   GPU_DRY=1 OUT=/tmp/out PATH=$PWD/.venv/bin:$PATH bash benchmarks/gpu.sh
 #       a rehearsal on the CPU with bert_tiny and tiny batches: every command runs, in about 3 minutes
 set -euo pipefail
@@ -19,7 +19,8 @@ export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1
 case "$SIZE" in
   mini) step_models=(--model bert_mini:128x128); race=(model=bert_mini trainer.batch_size=128) ;;
   base) step_models=(--model bert:64x128); race=(model=bert trainer.batch_size=64 trainer.optimizer.lr=3e-4) ;;
-  all)  step_models=(--model bert_mini:128x128 --model bert:64x128); race=(model=bert_mini trainer.batch_size=128) ;;
+  all)  step_models=(--model bert_mini:128x128 --model bert:64x128 --model bert:256x128)
+        race=(model=bert_mini trainer.batch_size=128) ;;
   *) echo "gpu.sh: size must be all, mini or base, not '$SIZE'" >&2; exit 2 ;;
 esac
 step_args=(--exits 1,L --fracs 0.5 --reps 5 --warmup 3 --steps 10 --max-profiles 2 --device cuda)

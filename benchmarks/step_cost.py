@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from hydra.utils import instantiate
 from torch.profiler import ProfilerActivity, profile
+from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from common import RESULTS, app_config, command_line, machine, markdown_table, spread
@@ -105,7 +106,7 @@ class MemoryRecord:
             self.rows.append(row)
 
 
-def overrides(setting: Setting, arm: Arm, warmup: int, steps: int, device: str) -> list[str]:
+def overrides(setting: Setting, arm: Arm, warmup: int, steps: int, device: str, extra: list[str]) -> list[str]:
     return [
         f"model={setting.model}", "logger=none", f"data.seq_len={setting.seq_len}",
         # a one-batch validation set: evaluation runs outside the clock, keep it short in wall time too
@@ -113,7 +114,7 @@ def overrides(setting: Setting, arm: Arm, warmup: int, steps: int, device: str) 
         f"trainer.batch_size={setting.batch}", f"trainer.max_steps={warmup + steps}", "trainer.max_time_s=null",
         f"trainer.eval_every_steps={warmup}", "trainer.eval_every_s=null", "trainer.progress=false",
         f"trainer.device={device}", f"frac={arm.frac}", f"exit_layer={arm.exit_layer}",
-        f"criterion={'random' if arm.kind == 'random' else 'loss'}",
+        f"criterion={'random' if arm.kind == 'random' else 'loss'}", *extra,
     ]
 
 
@@ -125,9 +126,9 @@ def synchronize(device: torch.device) -> None:
 class Bench:
     """One model size: its data, its model (built as sift_cli.train.run builds them), its arms."""
 
-    def __init__(self, setting: Setting, device: torch.device, warmup: int, steps: int):
-        self.setting, self.device, self.warmup, self.steps = setting, device, warmup, steps
-        base = app_config(overrides(setting, Arm("vanilla"), warmup, steps, str(device)))
+    def __init__(self, setting: Setting, device: torch.device, warmup: int, steps: int, extra: list[str]):
+        self.setting, self.device, self.warmup, self.steps, self.extra = setting, device, warmup, steps, extra
+        base = app_config(self.overrides(Arm("vanilla")))
         torch.manual_seed(base.seed)
         self.data = instantiate(base.data)
         self.model = instantiate(base.model, **self.data.model_args).to(device)
@@ -137,8 +138,11 @@ class Bench:
         batches = self.data.train_batches(setting.batch, base.seed)
         self.batches = [to_device(next(batches), device) for _ in range(warmup + steps)]
 
+    def overrides(self, arm: Arm) -> list[str]:
+        return overrides(self.setting, arm, self.warmup, self.steps, str(self.device), self.extra)
+
     def config(self, arm: Arm):
-        cfg = app_config(overrides(self.setting, arm, self.warmup, self.steps, str(self.device)))
+        cfg = app_config(self.overrides(arm))
         validate(cfg)
         return cfg
 
@@ -170,6 +174,19 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
         return clock.stop() / self.steps
 
+    def optimizer_ms(self, fused: bool) -> float:
+        """One step of the app's optimizer (trainer.optimizer) over the model's gradients, or its fused form."""
+        cfg = self.config(Arm("vanilla"))
+        model = self.model
+        optimizer = instantiate(cfg.trainer.optimizer)(params=model.parameters(), **({"fused": True} if fused else {}))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer.step()  # creates the state
+        timer = benchmark.Timer("optimizer.step()", globals={"optimizer": optimizer})
+        median = timer.blocked_autorange(min_run_time=1).median
+        model.zero_grad(set_to_none=True)
+        return median * 1e3
+
     def flops(self, exit_layer: Optional[int]) -> int:
         """FLOPs of the scoring pass up to `exit_layer`, or of a vanilla forward+backward (None)."""
         model, batch = self.model, self.batches[0]
@@ -199,7 +216,7 @@ class Bench:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         kept = step_sizes(self.setting.batch, arm.frac, "scored")[1]
         step_args = dict(frac=arm.frac, criterion=cfg.criterion, exit_layer=arm.exit_layer, kept=kept,
-                         generator=torch.Generator().manual_seed(0))
+                         generator=torch.Generator(self.device).manual_seed(0))  # as fit() makes it
         try:  # a diagnostic: should train_step's signature change, the timings above still stand
             torch.cuda.set_sync_debug_mode("warn")
             with warnings.catch_warnings(record=True) as caught:
@@ -241,6 +258,14 @@ def profile_table(sift: dict, vanilla: dict, on_gpu: bool, rows: int = 12) -> st
         row += [f"{sift[op][1]:.2f}", f"{vanilla.get(op, none)[1]:.2f}"] if on_gpu else []
         table.append(row)
     return markdown_table(header, table)
+
+
+def optimizer_line(bench: Bench, vanilla_s: float) -> str:
+    """The part of every step that frac does not shrink: the optimizer updates all parameters."""
+    plain, fused = bench.optimizer_ms(fused=False), bench.optimizer_ms(fused=True)
+    return (f"Fixed cost per step, whatever frac: the optimizer step (`trainer.optimizer` as configured) takes "
+            f"{plain:.1f} ms, {plain / (vanilla_s * 1e3):.1%} of a vanilla step; with `fused=True` "
+            f"{fused:.1f} ms (torch.utils.benchmark, median).")
 
 
 def measure(bench: Bench, arms: list[Arm], reps: int) -> dict[Arm, list[float]]:
@@ -292,7 +317,8 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
                             "measured/floor"] + (["host syncs/step"] if on_gpu else []), rows), "",
             f"Vanilla arm against the hand-written loop: t_vanilla / t_minimal = "
             f"{spread([v / m for v, m in zip(vanilla_times, times[Arm('minimal')])])} (within 5%: at most 1.05); "
-            f"textbook / minimal = {spread([t / m for t, m in zip(times[Arm('textbook')], times[Arm('minimal')])])}."]
+            f"textbook / minimal = {spread([t / m for t, m in zip(times[Arm('textbook')], times[Arm('minimal')])])}.",
+            "", optimizer_line(bench, statistics.median(vanilla_times))]
     over.sort(key=lambda item: -item[0])
     if over:
         vanilla_ops = bench.profile(Arm("vanilla"), profile_steps)
@@ -322,6 +348,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--max-profiles", type=int, default=3, help="profiler tables per model at most")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a sift-train override for every model, e.g. data.vocab_size=1024 (repeatable)")
     parser.add_argument("--quick", action="store_true", help="bert_tiny and bert_mini only, exits 1 and L, frac 0.5")
     parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/step_cost[-quick].md)")
     args = parser.parse_args()
@@ -341,7 +369,7 @@ def main() -> None:
         steps, warmup = args.steps, min(args.warmup, args.steps)
         if setting.model == "bert" and device.type == "cpu":  # seconds per step: one warm-up, a third timed
             steps, warmup = max(1, args.steps // 3), 1
-        bench = Bench(setting, device, warmup, steps)
+        bench = Bench(setting, device, warmup, steps, args.set)
         arms = arms_for(bench.depth, args.exits, fracs)
         print(f"{setting}: {len(arms)} arms x {args.reps} repetitions of {warmup}+{steps} steps", flush=True)
         times = measure(bench, arms, args.reps)
@@ -360,6 +388,7 @@ def main() -> None:
         f"- Machine: {machine()}; load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end "
         "(a shared machine: other work runs beside the benchmark)",
         f"- Device: {device}; precision as the app's `trainer.precision=auto` (bf16 autocast on CUDA, fp32 on CPU)",
+        f"- Overrides beyond model and batch: {' '.join(args.set) or 'none (data=docstrings: the standard library, vocabulary 8192)'}",
         f"- {args.reps} interleaved repetitions per arm (fresh random order each); cells are median [min, max];"
         " ratios are paired within a repetition",
         "- Arms vanilla/sift/random: `sift_cli.trainer.fit` itself (data masking, scoring, selection, update, "

@@ -121,14 +121,29 @@ def comparison(runner: Runner, arms: list[str], lr: dict, seeds: list[int], targ
         values = [a / b for a, b in pairs if a is not None and b is not None]
         return cell(values, len(values), len(seeds), digits=2)
 
-    header = ["arm", "lr", "steps", "samples back-propagated", "final val_acc"]
+    header = ["arm", "lr", "steps", "ms per step", "samples back-propagated", "final val_acc", "best val_acc"]
     table = []
     for arm in arms:
         s = [summaries[arm, seed] for seed in seeds]
         table.append([arm, f"{lr[arm]:g}", cell([x["steps"] for x in s], len(s), len(s), 0),
+                      cell([1e3 * x["train_time_s"] / x["steps"] for x in s], len(s), len(s), 0),
                       cell([x["samples_backpropagated"] for x in s], len(s), len(s), 0),
-                      cell([x["final_val_acc"] for x in s], len(s), len(s), 4)])
+                      cell([x["final_val_acc"] for x in s], len(s), len(s), 4),
+                      cell([x["best_val_acc"] for x in s], len(s), len(s), 4)])
     text = [markdown_table(header, table)]
+    # per sample rather than per second: what selection buys, apart from what a step costs
+    common = min(x["samples_backpropagated"] for x in summaries.values())
+    sizes = [common // 2, common]
+
+    def acc_at(arm: str, seed: int, samples: int) -> float:
+        """val_acc at the last evaluation before `samples` samples were back-propagated."""
+        return [r for r in rows[arm, seed] if r["samples_backpropagated"] <= samples][-1]["val_acc"]
+
+    text += ["", "**Per sample back-propagated**: val_acc at the last evaluation within the first N samples "
+             "back-propagated (the largest N every run reached, and half of it)", "",
+             markdown_table(["arm"] + [f"N = {n:,}" for n in sizes],
+                            [[arm] + [cell([acc_at(arm, s, n) for s in seeds], len(seeds), len(seeds), 4)
+                                      for n in sizes] for arm in arms])]
     for target in targets:
         target_rows = []
         for arm in arms:
@@ -191,7 +206,6 @@ def main() -> None:
     print(f"runs in {runs_dir}: {len(arms)} arms x ({len(lrs) if len(lrs) > 1 else 0} sweep rates + "
           f"{len(seeds)} seeds), {cfg.trainer.max_time_s:g} s of training each", flush=True)
 
-    started, load_before = time.perf_counter(), os.getloadavg()
     if len(lrs) > 1:
         lr, sweep_rows = best_rates(runner, arms, lrs, args.sweep_seed)
     else:
@@ -199,14 +213,16 @@ def main() -> None:
     for round_, seed in enumerate(seeds):
         for arm in rotated(arms, round_):
             runner.run("main", arm, lr[arm], seed)
-    elapsed, load_after = time.perf_counter() - started, os.getloadavg()
+    # from the files, so that a resumed call reports the whole run: first log written to last summary
+    logs, summaries = list(runs_dir.glob("*/*.log")), list(runs_dir.glob("*/*/" + SUMMARY))
+    elapsed = max(p.stat().st_mtime for p in summaries) - min(p.stat().st_ctime for p in logs)
 
     t, d = cfg.trainer, cfg.data
     text = [
         "# Time to accuracy: SIFT against vanilla and random selection", "",
-        f"- Command: `{command_line()}` ({elapsed / 60:.0f} min wall)",
-        f"- Machine: {machine()}; load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end"
-        f" (other work shared the machine; the interleaved order spreads its load over every arm)",
+        f"- Command: `{command_line()}` (the runs took {elapsed / 60:.0f} min of wall time)",
+        f"- Machine: {machine()}; load average {os.getloadavg()[0]:.1f} when this report was written "
+        "(other work shared the machine; the interleaved order spreads its load over every arm)",
         f"- Setup (`experiment={args.experiment}` {' '.join(args.overrides)}): model "
         f"{cfg.model._target_.rsplit('.', 1)[-1]} {depth} layers x {cfg.model.hidden_size} hidden; data "
         f"docstrings of the standard library + {', '.join(d.packages) or 'nothing else'}, vocabulary "
