@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #       base: step cost of bert (BERT-base) at 64x128 and the race with bert
 #       all (default): step cost of both and of bert at 256x128 (nearer compute-bound), the race with bert_mini
 #   GPU_DRY=1 OUT=/tmp/out PATH=$PWD/.venv/bin:$PATH bash benchmarks/gpu.sh
-#       a rehearsal on the CPU with bert_tiny and tiny batches: every command runs, in about 3 minutes
+#       a rehearsal on the CPU with bert_tiny and tiny batches: every command runs, in about a minute
 set -euo pipefail
 SIZE=${1:-all}
 OUT=${OUT:?set OUT to the folder for results}
