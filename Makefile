@@ -18,8 +18,9 @@ run: install
 	$(VENV)/bin/sift-train --multirun frac=0.5,1.0 hydra.sweep.dir=$(SWEEP)
 	$(VENV)/bin/sift-compare $(SWEEP)
 
+# one thread per test worker: two workers already fill two cores, and oversubscribed OpenMP threads spin
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -29,7 +29,7 @@ if [[ -n "${GPU_DRY:-}" ]]; then  # the same commands on the CPU, small enough t
   step_models=(--model bert_tiny:4x32)
   step_args=(--exits 1,L --fracs 0.5 --reps 1 --warmup 1 --steps 1 --max-profiles 1 --device cpu)
   race=(model=bert_tiny trainer.batch_size=8 trainer.max_time_s=6 trainer.eval_every_s=2 trainer.device=cpu
-        data.seq_len=32 data.max_val_sequences=16)
+        data.seq_len=32 data.max_val_samples=16)
 else
   python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/nvidia-smi.csv"

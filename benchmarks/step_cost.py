@@ -110,7 +110,7 @@ def overrides(setting: Setting, arm: Arm, warmup: int, steps: int, device: str, 
     return [
         f"model={setting.model}", "logger=none", f"data.seq_len={setting.seq_len}",
         # a one-batch validation set: evaluation runs outside the clock, keep it short in wall time too
-        "data.max_val_sequences=4", "trainer.eval_batch_size=4",
+        "data.max_val_samples=4", "trainer.eval_batch_size=4",
         f"trainer.batch_size={setting.batch}", f"trainer.max_steps={warmup + steps}", "trainer.max_time_s=null",
         f"trainer.eval_every_steps={warmup}", "trainer.eval_every_s=null", "trainer.progress=false",
         f"trainer.device={device}", f"frac={arm.frac}", f"exit_layer={arm.exit_layer}",

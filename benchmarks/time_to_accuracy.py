@@ -228,7 +228,7 @@ def main() -> None:
         f"docstrings of the standard library + {', '.join(d.packages) or 'nothing else'}, vocabulary "
         f"{d.vocab_size}, {d.seq_len} tokens per sequence; batch {t.batch_size} ({t.batch_mode}); "
         f"{t.max_time_s:g} s of training per run, evaluation every {t.eval_every_s:g} s of training time "
-        f"on {d.max_val_sequences} validation sequences; scheduler {t.scheduler}, {t.warmup_steps} warm-up steps",
+        f"on {d.max_val_samples} validation sequences; scheduler {t.scheduler}, {t.warmup_steps} warm-up steps",
         f"- Arms: " + "; ".join(f"{arm}: `{' '.join(o.format(depth=depth) for o in ARMS[arm])}`" for arm in arms),
         f"- Seeds {', '.join(map(str, seeds))}; cells are median [min, max] over seeds; a count (n/{len(seeds)}) "
         "says how many runs reached the target when not all did",

@@ -5,7 +5,7 @@ from conftest import CORPUS
 from sift_cli.config import ConfigError
 from sift_cli.data.text import _docstrings_in, docstring_corpus, hf, pack, text_file_corpus, text_files
 
-COMMON = dict(vocab_size=200, seq_len=32, val_fraction=0.2, max_val_sequences=64, split_seed=0,
+COMMON = dict(vocab_size=200, seq_len=32, val_fraction=0.2, max_val_samples=64, split_seed=0,
               mlm_probability=0.15, tokenizer=None, cache_dir=None)
 
 

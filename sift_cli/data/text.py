@@ -207,7 +207,7 @@ class TextData:
 
 
 def build(docs: list[str], corpus: str, vocab_size: int, seq_len: int, val_fraction: float,
-          max_val_sequences: int, split_seed: int, mlm_probability: float, tokenizer: Optional[str],
+          max_val_samples: int, split_seed: int, mlm_probability: float, tokenizer: Optional[str],
           cache_dir: Optional[str]) -> TextData:
     """Split by document, tokenise and pack once; the result is cached by content."""
     if not docs:
@@ -237,7 +237,7 @@ def build(docs: list[str], corpus: str, vocab_size: int, seq_len: int, val_fract
         train_ids, val_ids = pack(train_docs, tok, seq_len), pack(val_docs, tok, seq_len)
         packed.parent.mkdir(parents=True, exist_ok=True)
         torch.save((train_ids, val_ids), packed)
-    return TextData(train_ids, val_ids[:max_val_sequences], tok, mlm_probability, mask_seed=split_seed)
+    return TextData(train_ids, val_ids[:max_val_samples], tok, mlm_probability, mask_seed=split_seed)
 
 
 def docstrings(packages: Sequence[str] = (), **common) -> TextData:
