@@ -150,22 +150,25 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def group_key(run: Run) -> tuple[str, dict, dict]:
-    """(method, the selection knobs it uses, the setting): runs equal in all three differ only by seed."""
+def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict]:
+    """(method, the selection knobs it uses, the setting): runs equal in all three differ only by seed.
+
+    Keys in `tuned` (e.g. a learning rate each arm chose for itself) are left out of the setting, so
+    each arm is compared with vanilla at vanilla's own value."""
     s = run.summary
     flat = flatten(s["config"])
     knobs = {k: flat.get(k) for k in USED_KNOBS.get(s["method"], SIFT_KNOBS)}
-    setting = {k: v for k, v in flat.items()
-               if k not in IGNORED and k not in SELECTION and not k.startswith(IGNORED_PREFIXES)}
+    ignored = IGNORED | tuned | SELECTION
+    setting = {k: v for k, v in flat.items() if k not in ignored and not k.startswith(IGNORED_PREFIXES)}
     # the choice names and the device the run actually used (the config may say "auto")
     setting.update(model=s.get("model"), data=s.get("data"), device=s.get("device"))
     return s["method"], knobs, setting
 
 
-def group_runs(runs: list[Run]) -> list[Group]:
+def group_runs(runs: list[Run], tuned: frozenset = frozenset()) -> list[Group]:
     groups: dict[str, Group] = {}
     for run in runs:
-        method, knobs, setting = group_key(run)
+        method, knobs, setting = group_key(run, tuned)
         key = json.dumps([method, knobs, setting], sort_keys=True, default=str)
         groups.setdefault(key, Group(method, setting, [])).runs.append(run)
     ordered = sorted(groups.values(), key=lambda g: (g.method != "vanilla", g.method, -g.first["frac"],
@@ -449,11 +452,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the table's numbers as CSV")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as markdown")
     parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the plots (default: the first PATH)")
+    parser.add_argument("--tuned", action="append", default=[], metavar="KEY",
+                        help="a config key each arm tuned for itself, e.g. trainer.optimizer.lr (repeatable): "
+                             "left out of the grouping, so every arm is compared with vanilla at its own value")
     return parser.parse_args(argv)
 
 
 def compare(args: argparse.Namespace) -> None:
-    groups = group_runs(load_runs(args.paths))
+    groups = group_runs(load_runs(args.paths), frozenset(args.tuned))
     for note in filter(None, map(seed_note, groups)):
         print(f"note: {note}", file=sys.stderr)
     if args.target:

@@ -223,3 +223,21 @@ def test_corrupt_and_unfinished_runs_are_skipped(sweep, tmp_path):
     result = sift_compare(corrupt)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("sift-compare: error: no complete runs")
+
+
+def test_arms_tuned_to_their_own_learning_rate_compare_with_tuned_flag(sweep, tmp_path):
+    """A per-arm rate makes separate settings, so no speedup; --tuned KEY compares across it."""
+    root = tmp_path / "tuned"
+    for folder in sweep.iterdir():
+        if (folder / "summary.json").exists():
+            shutil.copytree(folder, root / folder.name)
+            summary = json.loads((root / folder.name / "summary.json").read_text())
+            if summary["method"] != "vanilla":
+                summary["config"]["trainer"]["optimizer"]["lr"] = 0.01
+                (root / folder.name / "summary.json").write_text(json.dumps(summary))
+    target = min(json.loads(p.read_text())["best_val_acc"] for p in root.glob("*/summary.json"))
+    plain, tuned = tmp_path / "plain.csv", tmp_path / "tuned.csv"
+    assert sift_compare(root, "--target", target, "--csv", plain).returncode == 0
+    assert sift_compare(root, "--target", target, "--csv", tuned, "--tuned", "trainer.optimizer.lr").returncode == 0
+    assert read_csv(plain)["sift-loss"][f"speedup_{target:g}"] == ""  # no vanilla at lr 0.01
+    assert number(read_csv(tuned)["sift-loss"][f"speedup_{target:g}"]) > 0
