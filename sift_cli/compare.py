@@ -158,7 +158,7 @@ def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict
     s = run.summary
     flat = flatten(s["config"])
     knobs = {k: flat.get(k) for k in USED_KNOBS.get(s["method"], SIFT_KNOBS)}
-    ignored = IGNORED | tuned | SELECTION
+    ignored = IGNORED | tuned | set(SELECTION)
     setting = {k: v for k, v in flat.items() if k not in ignored and not k.startswith(IGNORED_PREFIXES)}
     # the choice names and the device the run actually used (the config may say "auto")
     setting.update(model=s.get("model"), data=s.get("data"), device=s.get("device"))
