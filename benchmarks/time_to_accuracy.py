@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from hydra.utils import get_class
+
 from common import RESULTS, app_config, command_line, machine, markdown_table
 from sift_cli.records import SUMMARY, read_metrics, time_to_target
 
@@ -171,6 +173,12 @@ def sift_compare(main_dir: Path, targets: list[float], plots: Path, report: Path
                 f"({os.path.relpath(plots / 'accuracy_vs_time.png', report.parent)})"]
 
 
+
+def described(node) -> str:
+    """`Target(key=value, ...)`: a model or data config in one line, whatever its family."""
+    keys = ", ".join(f"{k}={v}" for k, v in node.items() if k not in ("_target_", "cache_dir", "tokenizer"))
+    return f"{node._target_.rsplit('.', 1)[-1]}({keys})"
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="tta_docstrings", help="conf/experiment file: the shared setup")
@@ -198,7 +206,7 @@ def main() -> None:
         lrs, seeds = lrs[1:2] or lrs, seeds[:1]
         args.overrides = ["trainer.max_time_s=20", "trainer.eval_every_s=5", *args.overrides]
     cfg = app_config([f"experiment={args.experiment}", *args.overrides])
-    depth = cfg.model.num_layers
+    depth = getattr(get_class(cfg.model._target_), "depth", None) or cfg.model.num_layers  # ResNet: 4 stages
     runs_dir = args.runs_dir or REPO / "outputs" / "bench-tta" / f"{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = args.out or RESULTS / f"time_to_accuracy{'-quick' if args.quick else ''}.md"
     sweep_budget = args.sweep_budget or cfg.trainer.max_time_s / 2
@@ -223,12 +231,10 @@ def main() -> None:
         f"- Command: `{command_line()}` (the runs took {elapsed / 60:.0f} min of wall time)",
         f"- Machine: {machine()}; load average {os.getloadavg()[0]:.1f} when this report was written "
         "(other work shared the machine; the interleaved order spreads its load over every arm)",
-        f"- Setup (`experiment={args.experiment}` {' '.join(args.overrides)}): model "
-        f"{cfg.model._target_.rsplit('.', 1)[-1]} {depth} layers x {cfg.model.hidden_size} hidden; data "
-        f"docstrings of the standard library + {', '.join(d.packages) or 'nothing else'}, vocabulary "
-        f"{d.vocab_size}, {d.seq_len} tokens per sequence; batch {t.batch_size} ({t.batch_mode}); "
-        f"{t.max_time_s:g} s of training per run, evaluation every {t.eval_every_s:g} s of training time "
-        f"on {d.max_val_samples} validation sequences; scheduler {t.scheduler}, {t.warmup_steps} warm-up steps",
+        f"- Setup (`experiment={args.experiment}` {' '.join(args.overrides)}): model {described(cfg.model)} "
+        f"({depth} exit points); data {described(d)}; batch {t.batch_size} ({t.batch_mode}); "
+        f"{t.max_time_s:g} s of training per run, evaluation every {t.eval_every_s:g} s of training time; "
+        f"scheduler {t.scheduler}, {t.warmup_steps} warm-up steps",
         f"- Arms: " + "; ".join(f"{arm}: `{' '.join(o.format(depth=depth) for o in ARMS[arm])}`" for arm in arms),
         f"- Seeds {', '.join(map(str, seeds))}; cells are median [min, max] over seeds; a count (n/{len(seeds)}) "
         "says how many runs reached the target when not all did",
