@@ -20,7 +20,7 @@ def prediction_scores(logits: Tensor, targets: Tensor, criterion: str) -> Tensor
 
 def per_sample_mean(values: Tensor, rows: Tensor, batch_size: int) -> Tensor:
     """Mean of `values` grouped by sample index `rows`; a sample with no values scores 0."""
-    # index_add_ rather than bincount: bincount sizes its output from the data, a host sync on CUDA
+    # index_add rather than bincount: bincount sizes its output from the data, a host sync on CUDA
     zeros = torch.zeros(batch_size, device=values.device, dtype=values.dtype)
     sums = zeros.index_add(0, rows, values)
     counts = zeros.index_add(0, rows, torch.ones_like(values)).clamp_(min=1)

@@ -121,8 +121,8 @@ def hf_corpus(name: str, text_column: str, config_name=None, split="train", data
     try:
         ds = datasets.load_dataset(name, config_name, split=split, data_files=data_files)
     except Exception as err:  # datasets raises many types for a bad name, split or file
-        raise ConfigError(f"data.name={name} could not be loaded by datasets.load_dataset: {first_line(err)}"
-                          ) from None
+        why = first_line(err)
+        raise ConfigError(f"data.name={name} could not be loaded by datasets.load_dataset: {why}") from None
     if text_column not in ds.column_names:
         raise ConfigError(
             f"data.text_column={text_column} is not a column of {name}; columns: {', '.join(ds.column_names)}"
