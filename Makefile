@@ -1,10 +1,11 @@
-# make run: environment + install + the default experiment (SIFT and vanilla, offline, ~3 min on 2 CPU cores)
+# make run: environment + install + a first comparison (SIFT, the random control and vanilla, one seed each,
+# offline, under 3 min on 2 CPU cores after the install): it shows the tool working, not a result
 # make test: environment + install + the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SWEEP := outputs/multirun/make-run-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install run test bench bench-tta clean
+.PHONY: install run test bench bench-tta bench-gsgd bench-calibration clean
 
 install: $(VENV)/.installed
 
@@ -15,8 +16,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(VENV)/bin/sift-train --multirun frac=0.5,1.0 hydra.sweep.dir=$(SWEEP)
+	$(VENV)/bin/sift-train --multirun arm=sift,random,vanilla trainer.max_time_s=35 trainer.eval_every_s=5 \
+		hydra.sweep.dir=$(SWEEP)
 	$(VENV)/bin/sift-compare $(SWEEP)
+	@echo
+	@echo "What this shows: each arm trained 35 s once, the tool end to end. With one seed per arm there is no"
+	@echo "spread, so the table is not evidence that SIFT is faster or slower. For a real comparison, run"
+	@echo "several seeds on a budget long enough to pass the first plateau, e.g.:"
+	@echo "  $(VENV)/bin/sift-train --multirun arm=sift,random,vanilla seed=0,1,2 trainer.max_time_s=300"
+	@echo "(or make bench-tta), then sift-compare the sweep folder."
 
 # one thread per test worker: two workers already fill two cores, and oversubscribed OpenMP threads spin
 test: install
@@ -30,6 +38,11 @@ clean:
 # Passive OpenMP threads unless set: on a shared, oversubscribed CPU spinning threads cost up to 10x.
 bench: install
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) benchmarks/step_cost.py $(if $(QUICK),--quick)
+
+# make bench-gsgd [QUICK=1]: GSGD against SGD on least squares and logistic regression with exact F*, the convex
+# check of SIFT's theory (benchmarks/results/gsgd_convex[-quick].md and its plots; about 3 min on 2 CPU cores)
+bench-gsgd: install
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) benchmarks/gsgd_convex.py $(if $(QUICK),--quick)
 
 # make bench-tta [QUICK=1]: time to accuracy of vanilla, SIFT, random and exact selection through the
 # real CLI (benchmarks/results/time_to_accuracy[-quick].md; about 45 min on 2 CPU cores)

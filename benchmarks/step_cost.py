@@ -14,6 +14,7 @@ model; the simple estimate k/(3L) + frac stands beside it.
     python benchmarks/step_cost.py                 # CPU: bert_tiny, bert_mini at 32x128, bert at 8x128
     python benchmarks/step_cost.py --quick         # bert_tiny and bert_mini, exits 1 and L at frac 0.5
     python benchmarks/step_cost.py --model bert_mini:128x128 --exits 1,L --fracs 0.5 --device cuda
+    python benchmarks/step_cost.py --model bert:256x128 --exits 1 --fracs 0.5 --compile both --device cuda
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from common import RESULTS, app_config, command_line, machine, markdown_table, spread
 from sift_cli.config import step_sizes, validate
 from sift_cli.records import METRICS
-from sift_cli.trainer import Clock, autocast_for, eval_mode, fit, to_device, train_step
+from sift_cli.trainer import Clock, Selection, autocast_for, fit, scorer, to_device, train_step
 
 TARGET = ("bert_mini", 32, 1, 0.5)  # (model, batch, exit, frac) where measured/floor must stay <= 1.05
 LIMIT = 1.05
@@ -71,11 +72,17 @@ class Arm:
     kind: str  # vanilla | sift | random: fit() itself; minimal | textbook: hand-written loops
     frac: float = 1.0
     exit_layer: int = 1
+    compiled: bool = False  # trainer.compile=true (fit's own arms only)
 
     @property
     def label(self) -> str:
-        return {"sift": f"sift k={self.exit_layer} f={self.frac:g}", "random": f"random f={self.frac:g}"}.get(
+        name = {"sift": f"sift k={self.exit_layer} f={self.frac:g}", "random": f"random f={self.frac:g}"}.get(
             self.kind, self.kind)
+        return name + (" compiled" if self.compiled else "")
+
+    @property
+    def eager(self) -> "Arm":
+        return Arm(self.kind, self.frac, self.exit_layer)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,26 @@ class MemoryRecord:
         if file == METRICS:
             self.rows.append(row)
 
+    def positions(self) -> dict:
+        return {}
+
+
+class NoCheckpoints:
+    """The part of sift_cli.checkpoint.Checkpointer that fit() uses, writing nothing: a benchmark resumes nothing."""
+
+    def save(self, *args) -> None:
+        pass
+
+    def write_clock(self, *args) -> None:
+        pass
+
+    def clock(self) -> None:
+        return None
+
+
+def run_fit(bench: "Bench", cfg, record: MemoryRecord) -> dict:
+    return fit(bench.model, bench.data, cfg, record, bench.device, False, NoCheckpoints(), None, meta={})
+
 
 def overrides(setting: Setting, arm: Arm, warmup: int, steps: int, device: str, extra: list[str]) -> list[str]:
     return [
@@ -114,13 +141,15 @@ def overrides(setting: Setting, arm: Arm, warmup: int, steps: int, device: str, 
         f"trainer.batch_size={setting.batch}", f"trainer.max_steps={warmup + steps}", "trainer.max_time_s=null",
         f"trainer.eval_every_steps={warmup}", "trainer.eval_every_s=null", "trainer.progress=false",
         f"trainer.device={device}", f"frac={arm.frac}", f"exit_layer={arm.exit_layer}",
-        f"criterion={'random' if arm.kind == 'random' else 'loss'}", *extra,
+        f"criterion={'random' if arm.kind == 'random' else 'loss'}", f"trainer.compile={str(arm.compiled).lower()}",
+        "trainer.schedule_unit=steps", *extra,
     ]
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def full_labels(batch: dict) -> torch.Tensor:
+    """transformers' labels ([B, L], -100 where nothing is predicted) from the fixed masked positions."""
+    labels = torch.full_like(batch["input_ids"], -100)
+    return labels.scatter(1, batch["mask_positions"], batch["mask_labels"])
 
 
 class Bench:
@@ -134,9 +163,10 @@ class Bench:
         self.model = instantiate(base.model, **self.data.model_args).to(device)
         self.depth = self.model.depth
         self.autocast = autocast_for(base.trainer.precision, device)
-        # pre-masked batches for the hand-written loops, masked by the app's own collator
-        batches = self.data.train_batches(setting.batch, base.seed)
-        self.batches = [to_device(next(batches), device) for _ in range(warmup + steps)]
+        # pre-masked batches for the hand-written loops, masked as the app masks them
+        self.batches = [to_device(self.data.train_batch(i, setting.batch, base.seed), device)
+                        for i in range(warmup + steps)]
+        self.mfu: dict[Arm, list[float]] = {}
 
     def overrides(self, arm: Arm) -> list[str]:
         return overrides(self.setting, arm, self.warmup, self.steps, str(self.device), self.extra)
@@ -150,8 +180,10 @@ class Bench:
         if arm.kind in ("minimal", "textbook"):
             return self._hand_written(arm.kind)
         record = MemoryRecord()
-        fit(self.model, self.data, self.config(arm), record, self.device, show_progress=False)
+        run_fit(self, self.config(arm), record)
         clock = {row["step"]: row["train_time_s"] for row in record.rows}
+        last = record.rows[-1]  # the window of the timed steps: the trainer's own throughput figures
+        self.mfu.setdefault(arm, []).append(last.get("mfu", last.get("tflops", float("nan"))))
         return (clock[self.warmup + self.steps] - clock[self.warmup]) / self.steps
 
     def _hand_written(self, kind: str) -> float:
@@ -160,15 +192,17 @@ class Bench:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         clock = Clock(self.device)  # the trainer's own stopwatch, so both sides are timed alike
         model.train()
+        clock.start()
         for i, batch in enumerate(self.batches):
             if i == self.warmup:
-                synchronize(self.device)
+                clock.stop()
+                clock.total = 0.0
                 clock.start()
             with self.autocast():
                 if kind == "minimal":
                     loss = model.loss(batch)  # masked positions only, as the app trains
                 else:  # the transformers textbook: the MLM head over every position
-                    loss = model.mlm(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                    loss = model.mlm(input_ids=batch["input_ids"], labels=full_labels(batch)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -194,7 +228,7 @@ class Bench:
             if exit_layer is None:
                 model.loss(batch).backward()
             else:
-                with torch.no_grad(), eval_mode(model):
+                with torch.no_grad(), model.scoring_mode():
                     model.exit_scores(batch, exit_layer, "loss")
         model.zero_grad(set_to_none=True)
         return counter.get_total_flops()
@@ -205,44 +239,47 @@ class Bench:
         cfg.trainer.max_steps, cfg.trainer.eval_every_steps = steps, None
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            fit(self.model, self.data, cfg, MemoryRecord(), self.device, show_progress=False)
+            run_fit(self, cfg, MemoryRecord())
         return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.self_device_time_total / 1e3 / steps,
                         e.count / steps) for e in prof.key_averages()}
 
     def syncs_per_step(self, arm: Arm) -> str:
         """Host-device synchronisations in one call of the product's train_step (CUDA only)."""
         cfg = self.config(arm)
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        kept = step_sizes(self.setting.batch, arm.frac, "scored")[1]
-        step_args = dict(frac=arm.frac, criterion=cfg.criterion, exit_layer=arm.exit_layer, kept=kept,
-                         generator=torch.Generator(self.device).manual_seed(0))  # as fit() makes it
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, fused=self.device.type == "cuda")
+        scored, kept = step_sizes(self.setting.batch, arm.frac, "scored")
+        sel = Selection(arm.frac, cfg.criterion, scored, kept, 0, "local", self.device)  # as fit() makes it
+        score_fn = scorer(self.model, arm.exit_layer, cfg.criterion)
         try:  # a diagnostic: should train_step's signature change, the timings above still stand
-            torch.cuda.set_sync_debug_mode("warn")
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                for batch in self.batches[:2]:
-                    train_step(self.model, batch, optimizer, scheduler, self.autocast, **step_args)
+            for i, batch in enumerate(self.batches[:2]):  # the first call allocates: not counted
+                torch.cuda.set_sync_debug_mode("warn" if i else "default")
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    train_step(self.model, score_fn, batch, optimizer, self.autocast, sel, i)
         except Exception as err:
             return f"n/a ({type(err).__name__})"
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        return f"{sum('synchroniz' in str(w.message) for w in caught) / 2:g}"
+        return f"{sum('synchroniz' in str(w.message) for w in caught):g}"
 
 
-def arms_for(depth: int, exits: Optional[str], fracs: list[float]) -> list[Arm]:
+def arms_for(depth: int, exits: Optional[str], fracs: list[float], compiled: str = "off") -> list[Arm]:
     """The reference arms, then SIFT at every (exit, frac) of a small model; a deep one gets its first,
-    second, middle and last exit at the middle frac, and every frac at exit 1."""
+    second, middle and last exit at the middle frac, and every frac at exit 1. `compiled`: off, on
+    (fit's arms with trainer.compile=true) or both (each of fit's arms both ways)."""
     reference = [Arm("vanilla"), Arm("minimal"), Arm("textbook"), Arm("random", 0.5)]
     if exits:
         ks = sorted({depth if k == "L" else int(k) for k in exits.split(",")})
+        arms = reference + [Arm("sift", f, k) for k in ks for f in fracs]
     elif depth <= 4:
-        ks = list(range(1, depth + 1))
+        arms = reference + [Arm("sift", f, k) for k in range(1, depth + 1) for f in fracs]
     else:
         middle = fracs[len(fracs) // 2]
         ks = sorted({1, 2, depth // 2, depth})
-        return reference + [Arm("sift", f, 1) for f in fracs] + [Arm("sift", middle, k) for k in ks[1:]]
-    return reference + [Arm("sift", f, k) for k in ks for f in fracs]
+        arms = reference + [Arm("sift", f, 1) for f in fracs] + [Arm("sift", middle, k) for k in ks[1:]]
+    fits = [a for a in arms if a.kind in ("vanilla", "random", "sift")]
+    on = [Arm(a.kind, a.frac, a.exit_layer, compiled=True) for a in fits]
+    return {"off": arms, "on": [a for a in arms if a not in fits] + on, "both": arms + on}[compiled]
 
 
 def profile_table(sift: dict, vanilla: dict, on_gpu: bool, rows: int = 12) -> str:
@@ -285,11 +322,14 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
     depth, setting = bench.depth, bench.setting
     vanilla_flops = bench.flops(None)
     score_flops = {arm.exit_layer: bench.flops(arm.exit_layer) for arm in times if arm.kind == "sift"}
-    vanilla_times = times[Arm("vanilla")]
+    vanilla_times = times[Arm("vanilla", compiled=Arm("vanilla", compiled=True) in times and
+                                  Arm("vanilla") not in times)]
     on_gpu = bench.device.type == "cuda"
     rows, lines, over = [], [], []
     for arm, ts in times.items():
-        ratios = [t / v for t, v in zip(ts, vanilla_times)]  # paired within each repetition
+        # paired within each repetition, against the vanilla arm compiled alike
+        base = times.get(Arm("vanilla", compiled=arm.compiled), vanilla_times)
+        ratios = [t / v for t, v in zip(ts, base)]
         floor = simple = None
         if arm.kind == "sift":
             floor = score_flops[arm.exit_layer] / vanilla_flops + arm.frac
@@ -299,10 +339,11 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
         elif arm.kind == "vanilla":
             floor = simple = 1.0
         excess = [r / floor for r in ratios] if floor else None
+        mfu = bench.mfu.get(arm)
         rows.append([arm.label, spread([t * 1e3 for t in ts]), f"{setting.batch / statistics.median(ts):,.0f}",
                      spread(ratios), f"{floor:.3f}" if floor else "-", f"{simple:.3f}" if simple else "-",
-                     spread(excess) if excess else "-"]
-                    + ([bench.syncs_per_step(arm) if floor else "-"] if on_gpu else []))
+                     spread(excess) if excess else "-", f"{statistics.median(mfu):.3g}" if mfu else "-"]
+                    + ([bench.syncs_per_step(arm.eager) if floor else "-"] if on_gpu else []))
         if arm.kind == "sift" and statistics.median(excess) > LIMIT:
             over.append((statistics.median(excess), arm))
         lines.append(f"{setting} {arm.label:>18}: {statistics.median(ts) * 1e3:8.1f} ms/step  "
@@ -314,13 +355,14 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
             + ", ".join(f"k={k} {f / 1e9:.2f} GFLOP ({f / vanilla_flops:.3f} of vanilla)"
                         for k, f in sorted(score_flops.items())) + ".", "",
             markdown_table(["arm", "ms/step", "samples scored/s", "t / t_vanilla", "FLOP floor", "k/(3L)+frac",
-                            "measured/floor"] + (["host syncs/step"] if on_gpu else []), rows), "",
+                            "measured/floor", "MFU" if on_gpu else "TFLOP/s"]
+                           + (["host syncs/step"] if on_gpu else []), rows), "",
             f"Vanilla arm against the hand-written loop: t_vanilla / t_minimal = "
             f"{spread([v / m for v, m in zip(vanilla_times, times[Arm('minimal')])])} (within 5%: at most 1.05); "
             f"textbook / minimal = {spread([t / m for t, m in zip(times[Arm('textbook')], times[Arm('minimal')])])}.",
             "", optimizer_line(bench, statistics.median(vanilla_times))]
     over.sort(key=lambda item: -item[0])
-    if over:
+    if over and max_profiles:
         vanilla_ops = bench.profile(Arm("vanilla"), profile_steps)
         for excess, arm in over[:max_profiles]:
             text += ["", f"**{arm.label}: measured/floor {excess:.3f} > {LIMIT}.** Where the time goes "
@@ -350,6 +392,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a sift-train override for every model, e.g. data.vocab_size=1024 (repeatable)")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                        help="fit's arms eager (off), with trainer.compile=true (on), or each both ways")
     parser.add_argument("--quick", action="store_true", help="bert_tiny and bert_mini only, exits 1 and L, frac 0.5")
     parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/step_cost[-quick].md)")
     args = parser.parse_args()
@@ -370,7 +414,7 @@ def main() -> None:
         if setting.model == "bert" and device.type == "cpu":  # seconds per step: one warm-up, a third timed
             steps, warmup = max(1, args.steps // 3), 1
         bench = Bench(setting, device, warmup, steps, args.set)
-        arms = arms_for(bench.depth, args.exits, fracs)
+        arms = arms_for(bench.depth, args.exits, fracs, args.compile)
         print(f"{setting}: {len(arms)} arms x {args.reps} repetitions of {warmup}+{steps} steps", flush=True)
         times = measure(bench, arms, args.reps)
         section, setting_lines = report_setting(bench, times, args.profile_steps, args.max_profiles)

@@ -234,8 +234,8 @@ def main() -> None:
         f"- Setup (`experiment={args.experiment}` {' '.join(args.overrides)}): model {described(cfg.model)} "
         f"({depth} exit points); data {described(d)}; batch {t.batch_size} ({t.batch_mode}); "
         f"{t.max_time_s:g} s of training per run, evaluation every {t.eval_every_s:g} s of training time; "
-        f"scheduler {t.scheduler}, {t.warmup_steps} warm-up steps",
-        f"- Arms: " + "; ".join(f"{arm}: `{' '.join(o.format(depth=depth) for o in ARMS[arm])}`" for arm in arms),
+        f"scheduler {t.scheduler}, warm-up {t.warmup:g} ({t.schedule_unit})",
+        "- Arms: " + "; ".join(f"{arm}: `{' '.join(o.format(depth=depth) for o in ARMS[arm])}`" for arm in arms),
         f"- Seeds {', '.join(map(str, seeds))}; cells are median [min, max] over seeds; a count (n/{len(seeds)}) "
         "says how many runs reached the target when not all did",
         f"- Run folders: `{runs_dir}` (each has metrics.jsonl, summary.json and its sift-train log beside it)",

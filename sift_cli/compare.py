@@ -1,9 +1,9 @@
 """`sift-compare`: how much sooner does SIFT reach a target accuracy than vanilla training?
 
 Reads run folders only (summary.json, metrics.jsonl, the optional diagnostics.jsonl) and never
-imports training code. Runs that differ only in their seed form a group; each group gets one row:
-final and best validation accuracy, training time to each target (over seeds) and the speedup
-against the vanilla group of the same setting. Plots go beside the table.
+imports training code. Runs that differ only in their seed form a group (an arm); each arm gets one
+row: final and best validation accuracy, training time to each target (over seeds) and the speedup
+against the vanilla arm of the same setting. Plots go beside the table.
 
     sift-compare outputs/multirun/2025-01-01_12-00-00 --target 0.3 --csv table.csv
 """
@@ -16,7 +16,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,21 +25,33 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, read_metrics, time_to_target  # noqa: E402
 
 # config keys that do not change what a run learns, so runs differing only there are repeats
 IGNORED = {"seed", "name", "tags", "targets", "trainer.progress", "trainer.device", "trainer.eval_batch_size",
-           "data.cache_dir"}
+           "data.cache_dir", "trainer.resume", "trainer.checkpoint_every_s", "trainer.checkpoint_every_steps",
+           "trainer.keep_checkpoints"}
 IGNORED_PREFIXES = ("logger.", "hydra.", "diagnostics.")  # probing pauses the clock and changes nothing
 # the selection knobs, and the ones each method uses: frac=1.0 is vanilla whatever criterion says
-SELECTION = ("frac", "exit_layer", "criterion", "trainer.batch_mode")
+SELECTION = ("frac", "exit_layer", "criterion", "trainer.batch_mode", "trainer.selection_scope")
 USED_KNOBS = {"vanilla": (), "random": ("frac", "trainer.batch_mode")}
-SIFT_KNOBS = ("frac", "exit_layer", "trainer.batch_mode")  # the criterion is in the method's name
+SIFT_KNOBS = ("frac", "exit_layer", "trainer.batch_mode", "trainer.selection_scope")  # criterion: in the name
+# knobs an arm's name shows, as (short name, default): when not at the default (None: when the arms differ)
+NAMED_KNOBS = {"trainer.batch_mode": ("batch", "scored"), "trainer.selection_scope": ("scope", None)}
+# what the run ran on, from its summary: runs on different hardware or process counts are kept apart
+RAN_ON = ("model", "data", "device", "accelerator", "world_size")
+# the known-answer data setting: shown whenever it differs, even between data choices of different names
+KNOWN_ANSWER = ("data.duplicate_fraction", "data.duplicate_pool", "data.noise_fraction")
+COMPLETED = "completed"
 TARGET_SHARES = (0.90, 0.95, 0.99)  # default targets: shares of vanilla's best mean accuracy
+SIGNIFICANCE = 2.0  # a speedup counts when speedup ± SIGNIFICANCE std leaves out 1
+PIPED_WIDTH = 240  # piped output gets the width a table needs, not rich's default of 80 columns
 DIAGNOSTIC_KEY = re.compile(r"(spearman|overlap)_k(\d+)")
 
 
@@ -58,17 +70,28 @@ class Run:
     rows: list[dict]  # metrics.jsonl
     diagnostics: list[dict]  # diagnostics.jsonl, empty when the run has none
 
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", COMPLETED)  # records older than the status key ran to their end
+
 
 @dataclass
 class Group:
     method: str
+    knobs: dict  # the selection knobs this method uses
     setting: dict  # everything else that shapes training, flattened to dotted keys
-    runs: list[Run]
-    label: str = ""  # what tells this group apart from the others, e.g. "model=bert_small"
+    runs: list[Run]  # one per seed: what the numbers are taken over
+    repeats: list[Run] = field(default_factory=list)  # further runs of a seed, left out of the numbers
+    arm: str = ""  # the method and its knobs, e.g. "sift-loss k1 f0.5"
+    label: str = ""  # what tells this group's setting apart from the others, e.g. "model=bert_small"
 
     @property
     def first(self) -> dict:
         return self.runs[0].summary
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm} {self.label}".strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +99,8 @@ class Group:
 
 
 def find_run_folders(paths: list[str]) -> list[Path]:
-    """Every run folder (one holding summary.json or metrics.jsonl) under each path, each once."""
+    """Every run folder under each path, each once: one holding a record, or a Hydra job folder (.hydra/ or
+    train.log) whose job failed before writing any, so that it is warned about rather than missed."""
     found: dict[Path, None] = {}
     for name in paths:
         path = Path(name)
@@ -84,8 +108,8 @@ def find_run_folders(paths: list[str]) -> list[Path]:
             raise CompareError(f"{name} does not exist; give run folders or sweep folders of sift-train")
         if not path.is_dir():
             raise CompareError(f"{name} is not a folder; give run folders or sweep folders of sift-train")
-        records = sorted(path.rglob(SUMMARY)) + sorted(path.rglob(METRICS))
-        folders = [p.parent.resolve() for p in records]
+        marks = [p for pattern in (SUMMARY, METRICS, ".hydra", "train.log") for p in sorted(path.rglob(pattern))]
+        folders = [p.parent.resolve() for p in marks]
         if not folders:
             raise CompareError(f"no runs under {name}: a run folder holds {SUMMARY} and {METRICS}")
         found.update(dict.fromkeys(folders))
@@ -93,12 +117,14 @@ def find_run_folders(paths: list[str]) -> list[Path]:
 
 
 def load_run(folder: Path) -> Optional[Run]:
-    """The run's records, or None (with a warning) when they are incomplete or corrupt."""
-    if not (folder / SUMMARY).exists():
-        warn(f"skipping {folder}: {METRICS} but no {SUMMARY} (still running, or stopped before its end)")
-        return None
+    """The run's records, or None (with a warning) when they are missing, incomplete or corrupt."""
     if not (folder / METRICS).exists():
-        warn(f"skipping {folder}: {SUMMARY} but no {METRICS}")
+        why = f"{SUMMARY} but no {METRICS}" if (folder / SUMMARY).exists() else \
+            f"no {METRICS} (the job failed before its first evaluation; its log says why)"
+        warn(f"skipping {folder}: {why}")
+        return None
+    if not (folder / SUMMARY).exists():
+        warn(f"skipping {folder}: {METRICS} but no {SUMMARY} (still running, or killed before its end)")
         return None
     try:
         summary = json.loads((folder / SUMMARY).read_text())
@@ -123,8 +149,13 @@ def load_run(folder: Path) -> Optional[Run]:
     return Run(folder, summary, rows, diagnostics)
 
 
-def load_runs(paths: list[str]) -> list[Run]:
+def load_runs(paths: list[str], include_incomplete: bool = False) -> list[Run]:
     runs = [run for run in map(load_run, find_run_folders(paths)) if run is not None]
+    incomplete = [run for run in runs if run.status != COMPLETED]
+    if incomplete and not include_incomplete:
+        warn(f"leaving out {len(incomplete)} run(s) that did not complete (--include-incomplete keeps them): "
+             + ", ".join(f"{run.folder} ({run.status})" for run in incomplete))
+        runs = [run for run in runs if run.status == COMPLETED]
     if not runs:
         raise CompareError(f"no complete runs under {' '.join(paths)} (see the warnings above)")
     tasks: dict[str, list[Run]] = {}
@@ -150,6 +181,11 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def shapes_training(key: str) -> bool:
+    """Whether a config key belongs to the setting: not ignored, and not a selection knob."""
+    return key not in IGNORED and key not in SELECTION and not key.startswith(IGNORED_PREFIXES)
+
+
 def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict]:
     """(method, the selection knobs it uses, the setting): runs equal in all three differ only by seed.
 
@@ -158,31 +194,61 @@ def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict
     s = run.summary
     flat = flatten(s["config"])
     knobs = {k: flat.get(k) for k in USED_KNOBS.get(s["method"], SIFT_KNOBS)}
-    ignored = IGNORED | tuned | set(SELECTION)
-    setting = {k: v for k, v in flat.items() if k not in ignored and not k.startswith(IGNORED_PREFIXES)}
-    # the choice names and the device the run actually used (the config may say "auto")
-    setting.update(model=s.get("model"), data=s.get("data"), device=s.get("device"))
+    setting = {k: v for k, v in flat.items() if shapes_training(k) and k not in tuned}
+    # the choice names and what the run actually ran on (the config may say "auto")
+    setting.update({k: s.get(k) for k in RAN_ON})
     return s["method"], knobs, setting
+
+
+def check_tuned(runs: list[Run], tuned: list[str]) -> None:
+    """A --tuned key must be a config key of these runs; a typo would silently compare nothing."""
+    flats = [flatten(run.summary["config"]) for run in runs]
+    for key in tuned:
+        if not any(key in flat for flat in flats):
+            keys = sorted({k for flat in flats for k in flat})
+            varying = [k for k in keys if shapes_training(k)
+                       and len({json.dumps(flat.get(k), default=str) for flat in flats}) > 1]
+            raise CompareError(f"--tuned {key}: no run has this config key; the keys that vary between these "
+                               f"runs: {', '.join(varying) or 'none'}")
 
 
 def group_runs(runs: list[Run], tuned: frozenset = frozenset()) -> list[Group]:
     groups: dict[str, Group] = {}
-    for run in runs:
+    # a completed run, then folder order, is the one kept of a seed that ran more than once
+    for run in sorted(runs, key=lambda r: (r.status != COMPLETED, str(r.folder))):
         method, knobs, setting = group_key(run, tuned)
         key = json.dumps([method, knobs, setting], sort_keys=True, default=str)
-        groups.setdefault(key, Group(method, setting, [])).runs.append(run)
+        group = groups.setdefault(key, Group(method, knobs, setting, []))
+        seeds = {r.summary["seed"] for r in group.runs}
+        (group.repeats if run.summary["seed"] in seeds else group.runs).append(run)
     ordered = sorted(groups.values(), key=lambda g: (g.method != "vanilla", g.method, -g.first["frac"],
-                                                     g.first["exit_layer"], str(sorted(g.setting.items()))))
-    label_groups(ordered)
+                                                     g.first["exit_layer"], json.dumps(g.knobs, default=str),
+                                                     json.dumps(g.setting, sort_keys=True, default=str)))
+    name_groups(ordered)
     return ordered
 
 
-def label_groups(groups: list[Group]) -> None:
-    """Name the setting keys that differ between groups; a differing model (data) name stands for its keys."""
-    keys = sorted({k for g in groups for k in g.setting})
-    varying = [k for k in keys if len({json.dumps(g.setting.get(k), default=str) for g in groups}) > 1]
-    named = [k for k in ("model", "data") if k in varying]
-    shown = [k for k in varying if not any(k.startswith(f"{n}.") for n in named)]
+def varying(dicts: list[dict]) -> list[str]:
+    """The keys whose values differ between the dicts (a missing key counts as None)."""
+    keys = sorted({k for d in dicts for k in d})
+    return [k for k in keys if len({json.dumps(d.get(k), default=str) for d in dicts}) > 1]
+
+
+def name_groups(groups: list[Group]) -> None:
+    """Each group's arm (method and knobs) and label (the setting keys that differ between groups; a differing
+    model or data name stands for its keys, except the known-answer data keys, always shown)."""
+    for g in groups:
+        parts = [g.method] + [f"{short}{g.knobs[k]:g}" for k, short in (("exit_layer", "k"), ("frac", "f"))
+                              if k in g.knobs]
+        for key, (short, default) in NAMED_KNOBS.items():
+            value = g.knobs.get(key)
+            if value is not None and (value != default if default is not None else
+                                      len({h.knobs[key] for h in groups if key in h.knobs}) > 1):
+                parts.append(f"{short}={value}")
+        g.arm = " ".join(parts)
+    keys = varying([g.setting for g in groups])
+    named = [k for k in ("model", "data") if k in keys]
+    shown = [k for k in keys if k in KNOWN_ANSWER or not any(k.startswith(f"{n}.") for n in named)]
     for g in groups:
         g.label = " ".join(f"{k}={g.setting.get(k)}" for k in shown)
 
@@ -193,13 +259,12 @@ def reference_for(group: Group, groups: list[Group]) -> Optional[Group]:
 
 
 def seed_note(group: Group) -> Optional[str]:
-    seeds = [r.summary["seed"] for r in group.runs]
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if not repeated:
+    if not group.repeats:
         return None
+    repeated = sorted({r.summary["seed"] for r in group.repeats})
     why = " (frac=1.0 trains the same way whatever criterion and exit_layer say)" if group.method == "vanilla" else ""
-    return (f"{group_name(group)}: seed {', '.join(map(str, repeated))} ran more than once{why}; "
-            f"each run counts as a repeat")
+    return (f"{group.name}: seed {', '.join(map(str, repeated))} ran more than once{why}; one run per seed "
+            f"counts, so that repeats do not shrink the spread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,20 +279,33 @@ def mean_std(values: list[float]) -> MeanStd:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
-def default_targets(groups: list[Group]) -> tuple[list[float], str]:
-    """90, 95 and 99% of vanilla's best mean accuracy (of the best group's without vanilla)."""
+def default_targets(groups: list[Group]) -> tuple[list[float], list[str]]:
+    """90, 95 and 99% of vanilla's best mean accuracy (of the best group's without vanilla), each above every
+    run's first evaluated accuracy, so that the time to it measures training, not the first evaluation."""
     vanilla = [g for g in groups if g.method == "vanilla"]
     pool = vanilla or groups
     best = max(mean_std([r.summary["best_val_acc"] for r in g.runs])[0] for g in pool)
+    start = max(r.rows[0]["val_acc"] for g in groups for r in g.runs)
     # floored to 4 decimals: a printed target never exceeds the accuracy it was derived from
-    targets = sorted({math.floor(best * share * 1e4) / 1e4 for share in TARGET_SHARES} - {0.0})
+    shares = sorted({math.floor(best * share * 1e4) / 1e4 for share in TARGET_SHARES})
     whose = "vanilla's" if vanilla else "the best group's (no vanilla runs)"
-    return targets, f"targets: {', '.join(f'{s:.0%}' for s in TARGET_SHARES)} of {whose} best mean accuracy {best:.4f}"
+    lines = [f"targets: {', '.join(f'{s:.0%}' for s in TARGET_SHARES)} of {whose} best mean accuracy {best:.4f}"]
+    if dropped := [t for t in shares if t <= start]:
+        lines.append(f"dropped {', '.join(f'{t:g}' for t in dropped)}: not above {start:.4f}, the highest "
+                     f"accuracy of any run at its first evaluation; give --target to choose")
+    return [t for t in shares if t > start], lines
 
 
 def times_to(group: Group, target: float) -> list[Optional[float]]:
     hits = [time_to_target(run.rows, target) for run in group.runs]
     return [hit["train_time_s"] if hit else None for hit in hits]
+
+
+def eval_interval(group: Group) -> Optional[float]:
+    """The median training time between two evaluations, over the group's runs: what time to target is
+    interpolated across."""
+    gaps = np.concatenate([np.diff([row["train_time_s"] for row in run.rows]) for run in group.runs])
+    return float(np.median(gaps)) if len(gaps) else None
 
 
 def ratio_spread(num: MeanStd, den: MeanStd) -> MeanStd:
@@ -239,14 +317,26 @@ def ratio_spread(num: MeanStd, den: MeanStd) -> MeanStd:
     return ratio, ratio * math.hypot((sa or 0.0) / a, (sb or 0.0) / b)
 
 
+def significant(speedup: MeanStd) -> bool:
+    """Whether the speedup's interval (± SIGNIFICANCE std) leaves out 1; without a spread it cannot."""
+    value, std = speedup
+    return std is not None and abs(value - 1.0) > SIGNIFICANCE * std
+
+
+def incomplete_note(runs: list[Run]) -> str:
+    statuses = [run.status for run in runs if run.status != COMPLETED]
+    return ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
+
+
 def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict:
-    """One table row as numbers: what the CSV holds and the rich/markdown tables format."""
+    """One table row as numbers: what the CSV holds and the terminal and markdown tables format."""
     s = group.first
-    uses = USED_KNOBS.get(group.method, SIFT_KNOBS)
     final = mean_std([r.summary["final_val_acc"] for r in group.runs])
     best = mean_std([r.summary["best_val_acc"] for r in group.runs])
-    row = {"method": group.method, "frac": s["frac"], "exit_layer": s["exit_layer"] if "exit_layer" in uses else None,
-           "setting": group.label, "runs": len(group.runs), "seeds": len({r.summary["seed"] for r in group.runs}),
+    row = {"arm": group.arm, "method": group.method, "frac": s["frac"],
+           "exit_layer": s["exit_layer"] if "exit_layer" in group.knobs else None, "setting": group.label,
+           "runs": len(group.runs) + len(group.repeats), "seeds": len(group.runs),
+           "incomplete": incomplete_note(group.runs), "eval_interval_s": eval_interval(group),
            "final_acc_mean": final[0], "final_acc_std": final[1], "best_acc_mean": best[0], "best_acc_std": best[1]}
     reference = reference_for(group, groups)
     for target in targets:
@@ -262,7 +352,9 @@ def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict
                 speedup = ratio_spread(base_time, time)
         row.update({f"reached_{target:g}": len(reached), f"time_to_{target:g}_mean": time[0],
                     f"time_to_{target:g}_std": time[1], f"speedup_{target:g}": speedup[0],
-                    f"speedup_{target:g}_std": speedup[1]})
+                    f"speedup_{target:g}_std": speedup[1],
+                    f"speedup_{target:g}_significant": None if speedup[0] is None or group is reference
+                    else significant(speedup)})
     return row
 
 
@@ -271,55 +363,114 @@ def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict
 
 
 def plus_minus(mean: float, std: Optional[float], digits: int) -> str:
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return f"{mean:.{digits}f}" + (f"±{std:.{digits}f}" if std is not None else "")
 
 
-def cells(row: dict, targets: list[float], with_setting: bool) -> list[str]:
-    seeds = str(row["seeds"]) + (f" ({row['runs']} runs)" if row["runs"] > row["seeds"] else "")
-    out = [row["method"], f"{row['frac']:g}", "—" if row["exit_layer"] is None else str(row["exit_layer"]), seeds,
-           plus_minus(row["final_acc_mean"], row["final_acc_std"], 4),
-           plus_minus(row["best_acc_mean"], row["best_acc_std"], 4)]
+def time_digits(value: float) -> int:
+    """Decimals for seconds: 12.3, 5.04."""
+    return 1 if value >= 10 else 2
+
+
+def columns(row: dict, targets: list[float]) -> dict[str, str]:
+    """The row's cells by header, in the table's order (the setting last)."""
+    notes = [note for note in (f"{row['runs']} runs" if row["runs"] > row["seeds"] else "", row["incomplete"]) if note]
+    interval = row["eval_interval_s"]
+    out = {"arm": row["arm"], "seeds": str(row["seeds"]) + (f" ({', '.join(notes)})" if notes else ""),
+           "final acc": plus_minus(row["final_acc_mean"], row["final_acc_std"], 3),
+           "best acc": plus_minus(row["best_acc_mean"], row["best_acc_std"], 3),
+           "eval every": "—" if interval is None else f"{interval:.{time_digits(interval)}f} s"}
     for target in targets:
         reached, mean = row[f"reached_{target:g}"], row[f"time_to_{target:g}_mean"]
         if mean is not None:
-            digits = 1 if mean >= 10 else 2
-            out.append(plus_minus(mean, row[f"time_to_{target:g}_std"], digits) + " s")
+            out[f"time to {target:g}"] = plus_minus(mean, row[f"time_to_{target:g}_std"], time_digits(mean))
         else:
-            out.append(f"{reached}/{row['runs']} reached" if reached else "not reached")
+            out[f"time to {target:g}"] = f"{reached}/{row['seeds']} reached" if reached else "not reached"
     for target in targets:
         speedup = row[f"speedup_{target:g}"]
-        if row["method"] == "vanilla" and speedup is not None:
-            out.append("1 (baseline)")
+        if speedup is None:
+            cell = "—"
+        elif row[f"speedup_{target:g}_significant"] is None:
+            cell = "baseline"
         else:
-            out.append("—" if speedup is None else plus_minus(speedup, row[f"speedup_{target:g}_std"], 2) + "×")
-    return out + ([row["setting"]] if with_setting else [])
+            cell = plus_minus(speedup, row[f"speedup_{target:g}_std"], 2) + "×" + \
+                ("" if row[f"speedup_{target:g}_significant"] else " n.s.")
+        out[f"speedup {target:g}"] = cell
+    out["setting"] = row["setting"]
+    return out
 
 
-def headers(targets: list[float], with_setting: bool) -> list[str]:
-    return (["method", "frac", "exit layer", "seeds", "final val acc", "best val acc"]
-            + [f"time to {t:g}" for t in targets] + [f"speedup at {t:g}" for t in targets]
-            + (["setting"] if with_setting else []))
+def caption_lines(groups: list[Group], rows: list[dict], targets_note: list[str]) -> list[str]:
+    lines = list(targets_note)
+    lines += [
+        "time: training seconds (train_time_s) to the target, mean±std over seeds, linearly interpolated between "
+        "the first evaluation at or above it and the one before (eval every: the median time between evaluations)",
+        f"speedup: vanilla's mean time / this arm's, against vanilla of the same setting; n.s.: not significant, "
+        f"the speedup ± {SIGNIFICANCE:g} std includes 1"]
+    single = [g.name for g in groups if len(g.runs) < 2]
+    if single:
+        lines.append(f"1 seed: no spread, not a result: {', '.join(single)}")
+    if any(r["incomplete"] for r in rows):
+        lines.append("runs that did not complete are included (--include-incomplete); seeds says how many")
+    return lines
 
 
-def print_table(rows: list[dict], targets: list[float], caption: str) -> list[list[str]]:
-    with_setting = any(r["setting"] for r in rows)
-    table = Table(title="time to target accuracy", caption=caption, caption_justify="left")
-    for i, header in enumerate(headers(targets, with_setting)):
-        table.add_column(header, justify="left" if i == 0 or header == "setting" else "right")
-    body = [cells(r, targets, with_setting) for r in rows]
-    for line in body:
-        table.add_row(*map(escape, line))  # a setting like data.paths=[a.txt] is not markup
-    # piped output gets the width a table needs, not rich's default of 80 columns
-    Console(width=None if sys.stdout.isatty() else 240).print(table)
-    return [headers(targets, with_setting)] + body
+def new_table(headers: list[str]) -> Table:
+    # two spaces between columns (the divider and a right padding), none at the edges
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    for header in headers:
+        table.add_column(header, no_wrap=True, justify="left" if header in ("arm", "set", "setting") else "right")
+    return table
 
 
-def write_markdown(lines: list[list[str]], path: Path) -> None:
+def fitted_tables(body: list[dict[str, str]], fixed: list[str], rest: list[str], console: Console) -> list[Table]:
+    """The columns in tables no wider than the console, each repeating the `fixed` columns (one line per arm)."""
+    def table(headers: list[str]) -> Table:
+        t = new_table(headers)
+        for cells in body:
+            t.add_row(*(escape(cells[h]) for h in headers))  # a setting like data.paths=[a.txt] is not markup
+        return t
+
+    def width(headers: list[str]) -> int:
+        return console.measure(table(headers), options=console.options.update_width(10_000)).maximum
+
+    parts: list[list[str]] = []
+    for header in rest:
+        if parts and width(fixed + parts[-1] + [header]) <= console.width:
+            parts[-1].append(header)
+        else:
+            parts.append([header])
+    return [table(fixed + part) for part in parts]
+
+
+def print_table(rows: list[dict], targets: list[float], caption: list[str], console: Console) -> list[list[str]]:
+    """The table on the console, split into parts that fit its width, the caption below; returns the full
+    table's lines (header first) for markdown."""
+    body = [columns(row, targets) for row in rows]
+    headers = [h for h in body[0] if h != "setting" or any(cells["setting"] for cells in body)]
+    tables = fitted_tables(body, ["arm", "seeds"], headers[2:], console)
+    if len(tables) > 1 and "setting" in headers:
+        # the setting would stand in a table of its own: name each setting by a letter, listed below
+        letters = {s: chr(ord("A") + i) for i, s in enumerate(dict.fromkeys(cells["setting"] for cells in body))}
+        for cells in body:
+            cells["set"] = letters[cells["setting"]]
+        tables = fitted_tables(body, ["arm", "set", "seeds"], headers[2:-1], console)
+        caption = caption + [f"set {letter}: {setting}" for setting, letter in letters.items()]
+    console.print(Text("time to target accuracy (interpolated between evaluations)", style="bold"))
+    for table in tables:
+        console.print(table)
+        console.print()
+    for line in caption:
+        console.print(Text(line), overflow="fold")
+    return [headers] + [[cells[h] for h in headers] for cells in body]
+
+
+def write_markdown(lines: list[list[str]], caption: list[str], path: Path) -> None:
     def md(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     header, *body = lines
-    path.write_text("\n".join([md(header), md(["---"] * len(header)), *map(md, body)]) + "\n")
+    path.write_text("\n".join([md(header), md(["---"] * len(header)), *map(md, body), "",
+                               *(f"- {line}" for line in caption)]) + "\n")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -353,13 +504,6 @@ def series(rows: list[dict], x_key: str, y_key: str) -> tuple[np.ndarray, np.nda
     return np.array([r[x_key] for r in kept], dtype=float), np.array([r[y_key] for r in kept], dtype=float)
 
 
-def group_name(group: Group) -> str:
-    s = group.first
-    name = {"vanilla": "vanilla", "random": f"random f{s['frac']:g}"}.get(
-        group.method, f"{group.method} k{s['exit_layer']} f{s['frac']:g}")
-    return f"{name} {group.label}".strip()
-
-
 def colors(n: int) -> list:
     return [plt.get_cmap("tab10")(i % 10) for i in range(n)]
 
@@ -367,7 +511,7 @@ def colors(n: int) -> list:
 def plot_accuracy(groups: list[Group], targets: list[float], x_key: str, xlabel: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for group, color in zip(groups, colors(len(groups))):
-        draw_mean(ax, [series(r.rows, x_key, "val_acc") for r in group.runs], group_name(group), color)
+        draw_mean(ax, [series(r.rows, x_key, "val_acc") for r in group.runs], group.name, color)
     for target in targets:
         ax.axhline(target, ls="--", lw=0.8, color="0.5")
         ax.text(1.0, target, f" {target:g}", transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="0.4")
@@ -386,14 +530,14 @@ def exit_layers(runs: list[Run]) -> list[int]:
 
 def plot_diagnostics(groups: list[Group], path: Path) -> bool:
     """Spearman and top-frac overlap of each exit's score with the exact loss, and the mean score kept
-    vs dropped, against training time: one row per group that has them. False when no run has any."""
+    vs dropped, against training time: one row per group that has them. False when no run recorded
+    diagnostics (diagnostics.every_n_steps unset): kept and dropped scores alone are no diagnostics."""
     has_probe = [any(r.diagnostics for r in g.runs) for g in groups]
-    has_scores = [any(row.get("score_kept") is not None for r in g.runs for row in r.rows) for g in groups]
-    panels = [p for p, present in (("spearman", any(has_probe)), ("overlap", any(has_probe)),
-                                   ("score", any(has_scores))) if present]
-    shown = [g for g, probe, scores in zip(groups, has_probe, has_scores) if probe or scores]
-    if not shown:
+    if not any(has_probe):
         return False
+    has_scores = [any(row.get("score_kept") is not None for r in g.runs for row in r.rows) for g in groups]
+    panels = ["spearman", "overlap"] + ["score"] * any(has_scores)
+    shown = [g for g, probe, scores in zip(groups, has_probe, has_scores) if probe or scores]
     layers = exit_layers([r for g in shown for r in g.runs])
     layer_color = dict(zip(layers, colors(len(layers))))
     titles = {"spearman": "Spearman: exit score vs exact loss", "overlap": "overlap with the exact top-frac set",
@@ -410,7 +554,7 @@ def plot_diagnostics(groups: list[Group], path: Path) -> bool:
                     draw_mean(ax, [series(r.diagnostics, "train_time_s", f"{panel}_k{k}") for r in group.runs],
                               f"exit {k}", layer_color[k])
                 ax.set_ylim(-1.05 if panel == "spearman" else -0.05, 1.05)
-            ax.set_title(f"{group_name(group)}\n{titles[panel]}", fontsize=9)
+            ax.set_title(f"{group.name}\n{titles[panel]}", fontsize=9)
             if ax.get_legend_handles_labels()[0]:
                 ax.set_xlabel("training time (s)")
                 ax.grid(alpha=0.3)
@@ -448,34 +592,39 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                                      "against vanilla, accuracy and selection-diagnostics plots.")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run folders or sweep folders (searched recursively)")
     parser.add_argument("--target", type=target_value, action="append", metavar="ACC",
-                        help="target validation accuracy, repeatable (default: 90/95/99%% of vanilla's best)")
+                        help="target validation accuracy, repeatable (default: 90/95/99%% of vanilla's best, "
+                             "those above every run's first evaluated accuracy)")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the table's numbers as CSV")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as markdown")
     parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the plots (default: the first PATH)")
     parser.add_argument("--tuned", action="append", default=[], metavar="KEY",
                         help="a config key each arm tuned for itself, e.g. trainer.optimizer.lr (repeatable): "
                              "left out of the grouping, so every arm is compared with vanilla at its own value")
+    parser.add_argument("--include-incomplete", action="store_true",
+                        help="keep runs that were interrupted or preempted (marked in the table and CSV)")
     return parser.parse_args(argv)
 
 
-def compare(args: argparse.Namespace) -> None:
-    groups = group_runs(load_runs(args.paths), frozenset(args.tuned))
+def compare(args: argparse.Namespace, console: Optional[Console] = None) -> None:
+    runs = load_runs(args.paths, args.include_incomplete)
+    check_tuned(runs, args.tuned)
+    groups = group_runs(runs, frozenset(args.tuned))
     for note in filter(None, map(seed_note, groups)):
         print(f"note: {note}", file=sys.stderr)
     if args.target:
-        targets, caption = sorted(set(args.target)), "targets: given with --target"
+        targets, targets_note = sorted(set(args.target)), ["targets: given with --target"]
     else:
-        targets, caption = default_targets(groups)
-    caption += ("\ntime: training seconds (train_time_s) to the first evaluation at or above the target, mean ± std"
-                " over seeds\nspeedup: vanilla's mean time / this group's, against vanilla of the same setting")
+        targets, targets_note = default_targets(groups)
     rows = [group_stats(g, groups, targets) for g in groups]
-    lines = print_table(rows, targets, caption)
+    caption = caption_lines(groups, rows, targets_note)
+    console = console or Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
+    lines = print_table(rows, targets, caption, console)
     written = []
     if args.csv:
         write_csv(rows, args.csv)
         written.append(args.csv)
     if args.markdown:
-        write_markdown(lines, args.markdown)
+        write_markdown(lines, caption, args.markdown)
         written.append(args.markdown)
     out = args.out or Path(args.paths[0])
     out.mkdir(parents=True, exist_ok=True)

@@ -7,19 +7,34 @@ home. `model` and `data` stay free-form: their keys are the constructor argument
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
-CRITERIA = ("loss", "entropy", "random")
+CRITERIA = ("loss", "entropy", "random", "gradnorm", "loss_proportional", "diverse")
+PEER_CRITERIA = ("gradnorm", "loss_proportional", "diverse")  # the peers' rules, named as they are
 PRECISIONS = ("auto", "bf16", "fp32")
 BATCH_MODES = ("scored", "updated")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PROGRESS = ("auto", "true", "false")
+SWITCH = ("auto", "true", "false")
+SCHEDULE_UNITS = ("time", "steps", "samples")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+SELECTION_SCOPES = ("local", "global")
+# keys whose value does not change what a run computes: a resumed run may differ in them
+RESUMABLE = ("trainer.max_steps", "trainer.max_time_s", "trainer.progress", "trainer.resume", "trainer.device",
+             "trainer.checkpoint_every_s", "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
+             "trainer.eval_batch_size", "name", "tags", "targets", "data.cache_dir", "data.num_workers")
+RESUMABLE_PREFIXES = ("logger.", "diagnostics.")
+# an example for each mandatory value a data choice leaves open
+EXAMPLES = {"data.paths": "data.paths=[corpus.txt]",
+            "data.name": "data.name=wikitext data.config_name=wikitext-103-raw-v1",
+            "data.root": "data.root=/path/to/images (one subfolder per class)"}
 
 
 class ConfigError(ValueError):
@@ -42,9 +57,18 @@ class TrainerConfig:
     eval_batch_size: int = MISSING
     optimizer: Any = MISSING
     scheduler: str = MISSING
-    warmup_steps: int = MISSING
+    schedule_unit: str = MISSING  # time | steps | samples: what warm-up and decay are measured in
+    warmup: float = MISSING  # in schedule_unit
     precision: str = MISSING
+    compile: str = MISSING
+    compile_mode: Optional[str] = None
+    deterministic: bool = False
     device: str = MISSING
+    selection_scope: str = MISSING
+    checkpoint_every_s: Optional[float] = MISSING
+    checkpoint_every_steps: Optional[int] = MISSING
+    keep_checkpoints: int = MISSING
+    resume: str = MISSING  # auto | never | a checkpoint folder
     progress: str = MISSING
 
 
@@ -91,8 +115,39 @@ def _positive_or_null(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value} must be positive (or null to leave it unset)")
 
 
-def validate(cfg) -> None:
-    """Check every value that can be checked without data or model. Raises ConfigError."""
+def _unknown_keys(node, schema, prefix: str) -> None:
+    """A key the schema does not know (a typo added with +) is an error naming the closest known key."""
+    known = [f.name for f in fields(schema)]
+    for key in node.keys():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{key} is not a known key{hint}")
+
+
+def _missing_values(cfg) -> None:
+    for key in OmegaConf.missing_keys(cfg):
+        example = EXAMPLES.get(key, f"{key}=VALUE")
+        raise ConfigError(f"{key} is required and has no value; set it on the command line, e.g. {example}")
+
+
+def model_depth(cfg) -> Optional[int]:
+    """The model's number of blocks from its config alone, without building it (None: from a checkpoint)."""
+    from hydra.utils import get_class
+
+    if cfg.model.get("pretrained"):
+        return None
+    return cfg.model.get("num_layers") or getattr(get_class(cfg.model._target_), "depth", None)
+
+
+def validate(cfg, model_name: Optional[str] = None) -> None:
+    """Check every value that can be checked without data or model. Raises ConfigError.
+
+    model_name: the model's choice name (e.g. bert_tiny), for messages; the target's class otherwise."""
+    _unknown_keys(cfg, Config, "")
+    _unknown_keys(cfg.trainer, TrainerConfig, "trainer.")
+    _unknown_keys(cfg.logger, LoggerConfig, "logger.")
+    _missing_values(cfg)
     if not (isinstance(cfg.frac, (int, float)) and 0 < cfg.frac <= 1):
         raise ConfigError(f"frac={cfg.frac} is outside (0, 1]; use e.g. frac=0.5 (frac=1.0 is vanilla training)")
     if cfg.exit_layer < 1:
@@ -103,22 +158,42 @@ def validate(cfg) -> None:
         raise ConfigError(f"trainer.batch_size={t.batch_size} must be a positive number of samples")
     _one_of("trainer.batch_mode", t.batch_mode, BATCH_MODES)
     _one_of("trainer.precision", t.precision, PRECISIONS)
+    _one_of("trainer.compile", str(t.compile).lower(), SWITCH)
+    _one_of("trainer.schedule_unit", t.schedule_unit, SCHEDULE_UNITS)
+    _one_of("trainer.scheduler", t.scheduler, SCHEDULERS)
+    _one_of("trainer.selection_scope", t.selection_scope, SELECTION_SCOPES)
     _one_of("trainer.progress", str(t.progress).lower(), PROGRESS)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device):
         raise ConfigError(f"trainer.device={t.device} is not allowed; choose auto, cpu, cuda, cuda:N or mps")
-    for key in ("max_steps", "max_time_s", "eval_every_steps", "eval_every_s"):
+    for key in ("max_steps", "max_time_s", "eval_every_steps", "eval_every_s", "checkpoint_every_s",
+                "checkpoint_every_steps"):
         _positive_or_null(f"trainer.{key}", t[key])
     _positive_or_null("diagnostics.every_n_steps", cfg.diagnostics.every_n_steps)
-    if t.scheduler not in ("constant", "constant_with_warmup") and t.max_steps is None:
-        raise ConfigError(f"trainer.scheduler={t.scheduler} decays over trainer.max_steps, which is null; "
-                          "set trainer.max_steps or use constant_with_warmup")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"trainer.keep_checkpoints={t.keep_checkpoints} must be at least 1")
+    if t.warmup < 0:
+        raise ConfigError(f"trainer.warmup={t.warmup} must be 0 or more ({t.schedule_unit} of warm-up)")
     if t.max_steps is None and t.max_time_s is None:
         raise ConfigError("trainer.max_steps and trainer.max_time_s are both null; set at least one budget")
+    if t.scheduler in ("linear", "cosine"):
+        budget = "trainer.max_time_s" if t.schedule_unit == "time" else "trainer.max_steps"
+        if t[budget.split(".")[1]] is None:
+            instead = ("use trainer.schedule_unit=time to decay over the time budget, or set trainer.max_steps"
+                       if t.schedule_unit != "time" else "set trainer.max_time_s, or trainer.schedule_unit=steps")
+            raise ConfigError(f"trainer.scheduler={t.scheduler} with trainer.schedule_unit={t.schedule_unit} decays "
+                              f"over {budget}, which is null; {instead}")
     _one_of("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _one_of("logger.mode", cfg.logger.mode, WANDB_MODES)
     for target in cfg.targets:
         if not 0 < target <= 1:
             raise ConfigError(f"targets contains {target}; target accuracies lie in (0, 1]")
+    depth = model_depth(cfg)
+    if depth is not None:
+        check_exit_layer(cfg.exit_layer, depth, model_name or cfg.model._target_.rsplit(".", 1)[-1])
+    positions = cfg.model.get("max_position")
+    if positions and cfg.data.get("seq_len") and cfg.data.seq_len > positions:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {positions} positions "
+                          f"(model.max_position); use data.seq_len={positions} or less")
 
 
 def check_exit_layer(exit_layer: int, depth: int, model_name: str) -> None:
@@ -127,7 +202,9 @@ def check_exit_layer(exit_layer: int, depth: int, model_name: str) -> None:
 
 
 def step_sizes(batch_size: int, frac: float, batch_mode: str) -> tuple[int, int]:
-    """(samples drawn and scored, samples back-propagated) per step: ceil(frac*B) of B, or B of ceil(B/frac)."""
+    """(samples drawn and scored, samples back-propagated) per step: ceil(frac*B) of B, or B of ceil(B/frac).
+
+    Under several processes this is applied to each process's share of the batch."""
     # round first so that 0.3 * 10 (= 3.0000000000000004 in floats) keeps 3, not 4
     if batch_mode == "updated":
         return math.ceil(round(batch_size / frac, 9)), batch_size
@@ -142,10 +219,12 @@ def method(frac: float, criterion: str, exit_layer: int, depth: int) -> str:
         return "random"
     if exit_layer >= depth and criterion == "loss":
         return "exact"
-    return f"sift-{criterion}"
+    return criterion if criterion in PEER_CRITERIA else f"sift-{criterion}"
 
 
-def run_name(frac: float, criterion: str, exit_layer: int, depth: int, seed: int) -> str:
+def run_name(frac: float, criterion: str, exit_layer: int, depth: int, seed: int, batch_mode: str = "scored") -> str:
     arm = method(frac, criterion, exit_layer, depth)
     parts = {"vanilla": [arm], "random": [arm, f"f{frac:g}"]}.get(arm, [arm, f"k{exit_layer}", f"f{frac:g}"])
+    if batch_mode != "scored" and arm != "vanilla":  # the default stays out of the name
+        parts.append(batch_mode)
     return "-".join(parts + [f"s{seed}"])

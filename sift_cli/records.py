@@ -10,10 +10,13 @@ import json
 import logging
 import netrc
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
+
+from sift_cli.faults import kill_point
 
 log = logging.getLogger(__name__)
 METRICS, SUMMARY, DIAGNOSTICS = "metrics.jsonl", "summary.json", "diagnostics.jsonl"
@@ -33,8 +36,21 @@ def read_metrics(run_dir: Path, file: str = METRICS) -> list[dict]:
 
 
 def time_to_target(rows: list[dict], target: float) -> Optional[dict]:
-    """The first evaluation that reached `target` validation accuracy, or None if none did."""
-    return next((r for r in rows if r["val_acc"] >= target), None)
+    """The first evaluation that reached `target` validation accuracy, or None if none did.
+
+    Its `train_time_s`, `step` and `samples_backpropagated` are interpolated linearly between it and the
+    evaluation before, so that the time does not depend on how often a run was evaluated; the first
+    evaluation, having none before it, is returned as it is."""
+    previous = None
+    for row in rows:
+        if row["val_acc"] >= target:
+            if previous is None:
+                return row
+            share = (target - previous["val_acc"]) / (row["val_acc"] - previous["val_acc"])
+            return {**row, **{k: previous[k] + share * (row[k] - previous[k])
+                              for k in ("train_time_s", "step", "samples_backpropagated") if k in row}}
+        previous = row
+    return None
 
 
 def _has_credentials() -> bool:
@@ -54,18 +70,52 @@ def wandb_mode(mode: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if _has_credentials() else "offline")
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a small file whole: a reader sees the old content or the new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class Recorder:
+    """Appends rows to the run folder's JSON-lines records and sends the same rows to W&B.
+
+    `positions` (file -> byte offset) are where a resumed run's records end: anything a killed process
+    wrote after its last checkpoint is cut off there (a torn last line too) and written again by the
+    resumed run, identically. W&B gets each row once, at its training step: a resumed W&B run starts after
+    the last step it holds, and is sent the local rows from there (a killed process's W&B data is lost
+    past its last upload; offline, W&B cannot resume, and each fragment is sent the whole record). Only
+    the main process of a distributed run records (`enabled`); the others keep their rows in memory.
+    """
+
     def __init__(self, run_dir: Path, logger_cfg: Any, config: dict, name: str, group: Optional[str],
-                 job_type: str, tags: list[str]):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+                 job_type: str, tags: list[str], wandb_id: Optional[str] = None,
+                 positions: Optional[dict] = None, enabled: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled
         self.rows: list[dict] = []
         self._files: dict = {}
+        self._wandb_from = 0  # the first step the W&B run lacks
         self.wandb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for file in (METRICS, DIAGNOSTICS):
+            path, offset = self.run_dir / file, (positions or {}).get(file, 0)
+            if path.exists():
+                with open(path, "r+b") as f:
+                    f.truncate(offset)
+        if (self.run_dir / METRICS).exists():
+            self.rows = read_metrics(self.run_dir)
         if logger_cfg.backend == "wandb":
-            self._init_wandb(logger_cfg, config, name, group, job_type, tags)
+            self._init_wandb(logger_cfg, config, name, group, job_type, tags, wandb_id)
+            diagnostics = read_metrics(self.run_dir, DIAGNOSTICS) if (self.run_dir / DIAGNOSTICS).exists() else []
+            for row in sorted(diagnostics + self.rows, key=lambda r: r["step"]):  # a step's diagnostics first
+                self._send(row)
 
-    def _init_wandb(self, cfg, config, name, group, job_type, tags) -> None:
+    def _init_wandb(self, cfg, config, name, group, job_type, tags, wandb_id) -> None:
         mode = wandb_mode(cfg.mode)
         if mode == "disabled":
             return
@@ -75,12 +125,15 @@ class Recorder:
             self.wandb = wandb.init(
                 project=cfg.project, entity=cfg.entity, mode=mode, name=name, group=group, job_type=job_type,
                 tags=list(tags), config=config, dir=cfg.dir or os.environ.get("WANDB_DIR") or str(self.run_dir),
+                id=wandb_id, resume="allow",  # a resumed run continues its W&B run
                 reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"),
             )
             self.wandb.define_metric("train_time_s")
-            for key in ("val_*", "train_loss", "lr", "samples_*", "step", "score_*", "spearman_*", "overlap_*"):
+            for key in ("val_*", "train_loss", "lr", "samples_*", "step", "score_*", "spearman_*", "overlap_*",
+                        "tflops", "mfu", "data_time_s"):
                 self.wandb.define_metric(key, step_metric="train_time_s")
             self.wandb.define_metric("val_acc", step_metric="train_time_s", summary="max,last")
+            self._wandb_from = self.wandb.starting_step
         except Exception as err:  # W&B is a sink: it never stops training
             warnings.warn(f"W&B could not start ({err}); the local record in {self.run_dir} stays complete")
             self.wandb = None
@@ -98,21 +151,52 @@ class Recorder:
         """One row to a JSON-lines file of the run folder (metrics by default), and the same row to W&B."""
         if file == METRICS:
             self.rows.append(row)
+        if not self.enabled:
+            return
         if file not in self._files:
             self._files[file] = open(self.run_dir / file, "a", buffering=1)  # line-buffered: a crash keeps rows
-        self._files[file].write(json.dumps(row) + "\n")
-        self._to_wandb(lambda r: self.wandb.log(r), row)
+        line = json.dumps(row) + "\n"
+        if os.environ.get("SIFT_TEST_KILL") == f"metrics-line:{row.get('step')}":
+            self._files[file].write(line[: len(line) // 2])  # a torn line, as a kill mid-write leaves it
+            self._files[file].flush()
+            kill_point("metrics-line", row.get("step"))
+        self._files[file].write(line)
+        self._send(row)
+
+    def _send(self, row: dict) -> None:
+        if row["step"] >= self._wandb_from:
+            self._to_wandb(lambda r: self.wandb.log(r, step=r["step"]), row)
+
+    def positions(self) -> dict:
+        """Where each record ends now, made durable: what a checkpoint remembers."""
+        out = {}
+        for file in (METRICS, DIAGNOSTICS):
+            f = self._files.get(file)
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                out[file] = f.tell()
+            else:
+                path = self.run_dir / file
+                out[file] = path.stat().st_size if path.exists() else 0
+        return out
 
     def finish(self, summary: dict) -> None:
         for f in self._files.values():
             f.close()
-        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        self._files = {}
+        if not self.enabled:
+            return
+        write_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
         flat.update(summary.get("targets", {}))
         self._to_wandb(lambda s: self.wandb.summary.update(s), flat)
         if self.wandb is not None:
             offline = self.wandb.settings.mode == "offline"
-            where = self.wandb.dir
-            self._to_wandb(lambda: self.wandb.finish())
+            folder = Path(self.wandb.dir).parent  # the offline-run-... folder, not its files/
+            if summary.get("status") == "preempted":
+                self._to_wandb(lambda: self.wandb.mark_preempting())
+            self._to_wandb(lambda: self.wandb.finish(exit_code=0 if summary.get("status") == "completed" else 1))
             if offline:
-                log.info("W&B run saved offline in %s; upload it later with: wandb sync %s", where, Path(where).parent)
+                log.info("W&B run saved offline; upload it later with: wandb sync %s (it holds the whole run: a "
+                         "resumed run's earlier offline folders need no upload)", shlex.quote(str(folder)))

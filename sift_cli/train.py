@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
+import difflib
 import itertools
+import json
 import logging
+import os
+import re
+import secrets
+import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -14,23 +22,66 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sift_cli import __version__, distributed
+from sift_cli.checkpoint import Checkpointer, changed_keys, check_folder, holds_run, load, read_run
 from sift_cli.config import ConfigError, check_exit_layer, method, run_name, validate
-from sift_cli.records import Recorder, time_to_target
+from sift_cli.hardware import accelerator
+from sift_cli.records import SUMMARY, Recorder, time_to_target, write_atomic
 from sift_cli.trainer import fit
 
 log = logging.getLogger("sift_cli")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
+STAMP = "SIFT_RUN_STAMP"  # the run's start time and a random suffix: default folder names never collide
+
+
+def _stamp() -> str:
+    if STAMP not in os.environ:
+        os.environ[STAMP] = f"{datetime.datetime.now().timestamp():.6f}-{secrets.token_hex(4)}"
+    return os.environ[STAMP]
+
+
+def run_stamp(fmt: str) -> str:
+    """`${run_stamp:%Y-%m-%d/%H-%M-%S}` in folder names: the start time and a suffix, the same in every process."""
+    seconds, suffix = _stamp().split("-")
+    return f"{datetime.datetime.fromtimestamp(float(seconds)).strftime(fmt)}-{suffix}"
+
+
+OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
+# under several processes only rank 0 writes the run folder: the others get no .hydra/ copy and their own log
+OmegaConf.register_new_resolver("launch_rank", distributed.launch_rank, replace=True)
+OmegaConf.register_new_resolver("main_only", lambda value, other=None: value if distributed.launch_rank() == 0
+                                else other, replace=True)
+
+
+class Stopped(Exception):
+    """The run stopped before its budget (Ctrl-C, preemption); its record and checkpoint are written."""
+
+    def __init__(self, status: str, signum: Optional[int]):
+        super().__init__(status)
+        self.status, self.signum = status, signum
+
+    def exit(self) -> None:
+        if self.status == "preempted" and self.signum:
+            # hand the signal to whoever had it before us: submitit requeues, the default handler ends the
+            # process as the signal would have; if it was ignored, exit with the conventional status
+            signal.raise_signal(self.signum)
+            sys.exit(128 + self.signum)
+        sys.exit(130)  # Ctrl-C: a sweep stops here instead of starting its next job
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", distributed.gpu_index())
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"trainer.device={name} but MPS is not available; use trainer.device=auto or cpu")
     return device
 
 
@@ -48,11 +99,45 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
+def writable(folder: Path, what: str) -> None:
+    """A folder the run must write to: one line naming it when it cannot."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"the {what} {folder} is not writable ({err.strerror}); choose another "
+                          f"folder or fix its permissions") from None
+
+
 def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: Optional[str] = None,
         show_progress: bool = False) -> dict:
-    """One training run, from a composed config to a complete record in `run_dir`."""
-    validate(cfg)
-    choices = choices or {}
+    """One training run, from a composed config to a complete record in `run_dir`: new, resumed or extended."""
+    validate(cfg, (choices or {}).get("model"))
+    distributed.init()
+    world = distributed.world()
+    if cfg.trainer.batch_size % world:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must be divisible by the {world} processes "
+                          f"of this run; use a multiple of {world}")
+    choices, run_dir = choices or {}, Path(run_dir)
+    main = distributed.is_main()
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    def folder_action() -> str:  # on rank 0 alone; a refusal is raised on every rank
+        writable(run_dir, "run folder")
+        return check_folder(run_dir, config, str(cfg.trainer.resume))
+
+    action = distributed.from_main(folder_action)
+    if action == "done":
+        summary = distributed.from_main(lambda: read_summary(run_dir))
+        if main:
+            print(f"{summary['run_name']}: already completed in {run_dir} (raise trainer.max_steps or "
+                  f"trainer.max_time_s to train it further)")
+        return summary
+    if cfg.trainer.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+        torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.seed)
     data = build(cfg.data)
@@ -63,14 +148,34 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
                           f"is {data.task} data; pick a data choice of the same task")
     model = build(cfg.model, **data.model_args).to(device)
     check_exit_layer(cfg.exit_layer, model.depth, model_name)
+    seq_len = cfg.data.get("seq_len")
+    if seq_len and seq_len > getattr(model, "max_length", seq_len):
+        raise ConfigError(f"data.seq_len={seq_len} is longer than the {model.max_length} positions of "
+                          f"model={model_name}; use data.seq_len={model.max_length} or less")
     arm = method(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth)
-    name = run_name(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth, cfg.seed)
-    log.info("%s on %s: %s, %s parameters, %s", name, device, data.describe(),
-             f"{sum(p.numel() for p in model.parameters()):,}", run_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    name = run_name(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth, cfg.seed, cfg.trainer.batch_mode)
+    if main:
+        log.info("%s on %s x%d: %s, %s parameters, %s", name, device, world, data.describe(),
+                 f"{sum(p.numel() for p in model.parameters()):,}", run_dir)
+
+    checkpointer = Checkpointer(run_dir, cfg.trainer.keep_checkpoints)
+    resumed, previous = None, read_run(run_dir) if main else None
+    if action == "resume":
+        resumed = distributed.from_main(lambda: resume_point(run_dir, checkpointer, str(cfg.trainer.resume), config))
+    if main:
+        checkpointer.clean()
+        wandb_id = (previous or {}).get("wandb_id") or secrets.token_hex(4)
+        write_atomic(run_dir / "run.json", json.dumps({"run_name": name, "wandb_id": wandb_id, "config": config},
+                                                      indent=1))
+    else:
+        wandb_id = None
+    positions = resumed[1]["positions"] if resumed else {}
     record = Recorder(run_dir, cfg.logger, config, name=name, group=cfg.name or sweep, job_type=arm,
-                      tags=list(cfg.tags))
-    totals = fit(model, data, cfg, record, device, show_progress)
+                      tags=list(cfg.tags), wandb_id=wandb_id, positions=positions, enabled=main)
+    if resumed and main:
+        log.info("resuming %s from step %d", name, resumed[1]["train_state"]["step"])
+    totals = fit(model, data, cfg, record, device, show_progress, checkpointer, resumed,
+                 meta={"config": config, "wandb_id": wandb_id})
     targets = {}
     for target in cfg.targets:
         hit = time_to_target(record.rows, target)
@@ -78,14 +183,48 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         targets[f"steps_to_target/{target:g}"] = hit["step"] if hit else None
     summary = {"method": arm, "run_name": name, "task": task, "model": model_name,
                "data": choices.get("data"), "depth": model.depth, "exit_layer": cfg.exit_layer,
-               "frac": cfg.frac, "criterion": cfg.criterion, "seed": cfg.seed, "device": str(device),
+               "frac": cfg.frac, "criterion": cfg.criterion, "seed": cfg.seed, "device": device.type,
+               "accelerator": accelerator(device), "world_size": world, **getattr(data, "setting", {}),
                **totals, "targets": targets, "run_dir": str(run_dir), "torch": torch.__version__,
-               "config": config}
+               "sift_train": __version__, "config": config}
     record.finish(summary)
-    print(f"{name}: val_acc {totals['final_val_acc']:.4f} (best {totals['best_val_acc']:.4f}) | "
-          f"train {totals['train_time_s']:.1f} s, {totals['steps']} steps | "
-          f"{totals['samples_backpropagated']:,} of {totals['samples_seen']:,} samples back-propagated | {run_dir}")
+    if main:
+        print(f"{name}: {summary['status']} | val_acc {totals['final_val_acc']:.4f} "
+              f"(best {totals['best_val_acc']:.4f}) | train {totals['train_time_s']:.1f} s, {totals['steps']} steps | "
+              f"{totals['samples_backpropagated']:,} of {totals['samples_seen']:,} samples back-propagated | {run_dir}")
+    if summary["status"] != "completed":
+        raise Stopped(summary["status"], totals["stop_signal"])
     return summary
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / SUMMARY).read_text())
+
+
+def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config: dict):
+    """(tensors, state) to continue from: the newest valid checkpoint here, or the one `resume` names."""
+    import shutil
+
+    if resume == "auto":
+        found = checkpointer.load_newest()
+        return None if found is None else found[1:]
+    folder = Path(resume).expanduser()
+    loaded = load(folder) if folder.is_dir() else None
+    if loaded is None:
+        raise ConfigError(f"trainer.resume={resume} is not a valid checkpoint folder (a checkpoints/step-N folder "
+                          f"of a run, with its manifest.json); or use trainer.resume=auto or never")
+    differ = changed_keys(loaded[1]["config"], config)
+    if differ:
+        raise ConfigError(f"trainer.resume={resume} was trained with another config ({', '.join(differ[:4])}); "
+                          f"rerun with its values")
+    source = folder.parent.parent
+    if source.resolve() != run_dir.resolve():  # a fork: the new folder starts with the source's records
+        if holds_run(run_dir):
+            raise ConfigError(f"the run folder {run_dir} already holds a run; resume {resume} into a new folder")
+        for file in ("metrics.jsonl", "diagnostics.jsonl"):
+            if (source / file).exists():
+                shutil.copyfile(source / file, run_dir / file)
+    return loaded
 
 
 def fail(err: Exception) -> None:
@@ -104,7 +243,12 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         summary = run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep, show)
     except ConfigError as err:
         fail(err)
+    except Stopped as stopped:
+        stopped.exit()
     return summary["final_val_acc"]  # what a Hydra sweeper optimises
+
+
+# --- before anything runs: every job of a (multi)run composed and checked -------------------
 
 
 def _combinations(overrides: list[str]) -> list[list[str]]:
@@ -122,24 +266,54 @@ def _combinations(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*options)]
 
 
+def _unknown_override(err: Exception) -> Optional[str]:
+    """Hydra's 'Could not override X ... use +X' for a typo, as our one line with the closest known key."""
+    from sift_cli.config import Config, LoggerConfig, TrainerConfig
+
+    found = re.search(r"Could not override '([^']+)'", str(err))
+    if not found:
+        return None
+    key = found.group(1)
+    parent, _, leaf = key.rpartition(".")
+    schema = {"": Config, "trainer": TrainerConfig, "logger": LoggerConfig}.get(parent)
+    known = [f.name for f in fields(schema)] if schema else []
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    return f"{key} is not a known key{hint}"
+
+
 def precheck(args: list[str]) -> None:
     """Compose and validate every job before any runs, so a bad value costs one line, not a sweep."""
     from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
 
     if any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in args):
         return
-    overrides = [a for a in args if "=" in a and not a.startswith("-") and not a.startswith("hydra")]
+    parsed, _ = get_args_parser().parse_known_args(args)
+    overrides = [a for a in parsed.overrides if not a.startswith("hydra")]
+    run_dir = next((Path(a.split("=", 1)[1]) for a in parsed.overrides if a.startswith("hydra.run.dir=")), None)
+    config_dir = CONF
+    if parsed.config_path:  # as Hydra takes it: absolute, or relative to the working directory
+        config_dir = Path(parsed.config_path).expanduser().resolve()
+    if parsed.config_dir:  # a folder of the user's own configs, searched beside ours
+        overrides.append(f"hydra.searchpath=[file://{Path(parsed.config_dir).expanduser().resolve()}]")
     try:
         jobs = _combinations(overrides)
     except HydraException:
         return  # a sweep syntax this check does not expand (intervals, globs): Hydra reports it
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             for job in jobs:
                 try:
-                    validate(compose(config_name="config", overrides=job))
+                    cfg = compose(config_name=parsed.config_name or "config", overrides=job, return_hydra_config=True)
+                    model_name = cfg.hydra.runtime.choices.get("model")
+                    with open_dict(cfg):
+                        del cfg["hydra"]
+                    validate(cfg, model_name)
+                    if run_dir and not parsed.multirun:  # before Hydra writes .hydra/ into a folder it must refuse
+                        check_folder(run_dir, OmegaConf.to_container(cfg, resolve=True), str(cfg.trainer.resume))
                 except MissingConfigException as err:  # an unknown choice in a config group
                     group, _, value = (err.missing_cfg_file or "").partition("/")
                     if not err.options:
@@ -147,7 +321,7 @@ def precheck(args: list[str]) -> None:
                     raise ConfigError(f"{group}={value} is not a known {group}; choose one of: "
                                       f"{', '.join(sorted(err.options))}") from None
                 except HydraException as err:
-                    raise ConfigError(_first_lines(err)) from None
+                    raise ConfigError(_unknown_override(err) or _first_lines(err)) from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -159,13 +333,31 @@ def _first_lines(err: Exception) -> str:
     return " ".join(lines[:2])
 
 
+def _agree_on_folders() -> None:
+    """Under several processes: one folder name for all, rank 0's stamp (`${run_stamp:...}`)."""
+    distributed.init()
+    if distributed.world() > 1:
+        os.environ[STAMP] = distributed.broadcast(_stamp())
+
+
 def main() -> None:
+    if "--version" in sys.argv[1:]:
+        print(f"sift-train {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})")
+        return
     try:
         precheck(sys.argv[1:])
+        _agree_on_folders()  # only after every check: a bad value never waits for the other processes
     except ConfigError as err:
         fail(err)
-    hydra_main()
+    try:
+        hydra_main()
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m sift_cli.train` (torchrun's module form too): run the importable module's main, whose task
+    # function submitit can pickle by reference; this __main__ copy's functions would be pickled by value
+    from sift_cli.train import main as importable_main
+
+    importable_main()

@@ -1,39 +1,49 @@
-"""The training loop: score -> select -> update, with the clock, evaluation and records around it."""
+"""The training loop: score -> select -> update, with the clock, evaluation, records and checkpoints around it."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
+import multiprocessing
+import os
+import signal
 import sys
+import threading
 import time
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Optional
 
 import torch
 from hydra.utils import instantiate
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
-from transformers import get_scheduler
+from torch.utils.data import DataLoader, Dataset
 
-from sift_cli.config import ConfigError, step_sizes
+from sift_cli import distributed
+from sift_cli.checkpoint import Checkpointer
+from sift_cli.config import ConfigError, first_line, step_sizes
+from sift_cli.data.order import seed_of, seeded
+from sift_cli.faults import kill_point
+from sift_cli.hardware import count_flops, peak_flops, synchronize
 from sift_cli.records import DIAGNOSTICS, Recorder
-from sift_cli.selection import overlap, random_subset, spearman, top
+from sift_cli.selection import FEATURE_CRITERIA, overlap, random_subset, select, spearman, top
 
 
 class Clock:
-    """Wall-clock of training only: running between start() and stop(), paused for evaluation."""
+    """Wall-clock of training only: running between start() and stop(), paused for everything else."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.total, self.since = device, 0.0, None
+    def __init__(self, device: torch.device, total: float = 0.0):
+        self.device, self.total, self.since = device, total, None
 
     def start(self) -> None:
         self.since = time.perf_counter()
 
     def stop(self) -> float:
-        if self.since is None:  # already stopped (Ctrl-C during an evaluation)
+        if self.since is None:  # already stopped (a stop request during an evaluation)
             return self.total
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # queued kernels belong to the time just measured
+        synchronize(self.device)  # queued kernels belong to the time just measured
         self.total += time.perf_counter() - self.since
         self.since = None
         return self.total
@@ -45,7 +55,7 @@ class Clock:
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
-    """Dropout off and batch-norm statistics frozen, for scoring and evaluation."""
+    """Dropout off and batch-norm statistics frozen, for evaluation and diagnostics."""
     model.eval()
     try:
         yield
@@ -53,15 +63,17 @@ def eval_mode(model: torch.nn.Module):
         model.train()
 
 
-def take(batch: dict, index: torch.Tensor) -> dict:
+def take(batch: dict, index: Tensor) -> dict:
     return {k: v[index] for k, v in batch.items()}
 
 
+def rows(batch: dict) -> int:
+    return next(iter(batch.values())).shape[0]
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    # from pinned memory the copy is asynchronous: the host queues the step instead of waiting for the GPU
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    # from pinned memory (the DataLoader pins on CUDA) the copy is asynchronous: the host queues the step
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -72,11 +84,217 @@ def autocast_for(precision: str, device: torch.device):
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def lr_factor(progress: float, warmup: float, horizon: Optional[float], shape: str) -> float:
+    """The learning rate's multiplier at `progress` (steps, samples or seconds): linear warm-up, then a shape.
+
+    Written here rather than taken from torch's LRScheduler, which counts its own calls: the
+    schedule must follow the unit the arms are compared in, so it is a function of progress alone."""
+    if progress < warmup:
+        return progress / warmup
+    if shape in ("constant", "constant_with_warmup"):
+        return 1.0
+    t = min(1.0, (progress - warmup) / max(horizon - warmup, 1e-12))
+    return 1.0 - t if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# --- batches: a DataLoader over step numbers ---------------------------------------------------
+
+
+class Gate:
+    """Lets DataLoader workers prepare batches only while the training clock runs.
+
+    Workers that kept prefetching during an evaluation would hand the next steps batches made off
+    the clock. close() waits, on the clock, until no worker is inside a batch, and holds new ones
+    back until open(); the time a step then waits for its batch is training time, as it should be.
+    """
+
+    def __init__(self):
+        ctx = multiprocessing.get_context()
+        self._open, self._busy = ctx.Event(), ctx.Value("i", 0)
+        self._open.set()
+
+    def __enter__(self):
+        while True:
+            self._open.wait()
+            with self._busy.get_lock():
+                if self._open.is_set():
+                    self._busy.value += 1
+                    return
+
+    def __exit__(self, *exc):
+        with self._busy.get_lock():
+            self._busy.value -= 1
+
+    def close(self) -> None:
+        with self._busy.get_lock():
+            self._open.clear()
+        while self._busy.value:
+            time.sleep(0.001)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+class StepBatches(Dataset):
+    """Item s is this process's share of global batch s: a pure function of (seed, step, rank)."""
+
+    def __init__(self, data, batch_size: int, seed: int, gate: Optional[Gate]):
+        self.data, self.batch_size, self.seed, self.gate = data, batch_size, seed, gate
+        self.rank, self.world = distributed.rank(), distributed.world()
+
+    def __getitem__(self, step: int) -> dict:
+        with self.gate or contextlib.nullcontext():
+            return self.data.train_batch(step, self.batch_size, self.seed, self.rank, self.world)
+
+
+def worker_signals(worker_id: int) -> None:
+    """A DataLoader worker leaves Ctrl-C and preemption signals to the main process, which stops it.
+
+    SLURM and a terminal signal the whole process group, and a worker ended by the signal makes torch
+    raise in the main process before it can checkpoint. So SIGINT, SIGUSR1 and SIGUSR2 are ignored, and
+    SIGTERM ends the worker only when the main process sends it (torch's fallback for a stuck worker,
+    multiprocessing's at exit); torch's own handler ends it whoever sends it."""
+    for s in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit it
+
+    def from_main_only():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=from_main_only, daemon=True).start()
+
+
+def batch_stream(data, batch_size: int, seed: int, start: int, device: torch.device,
+                 gate: Optional[Gate]) -> Iterator[dict]:
+    """Batches of steps start, start+1, ..., prepared ahead by data.num_workers workers (pinned on CUDA)."""
+    workers = data.num_workers
+    loader = DataLoader(StepBatches(data, batch_size, seed, gate if workers else None), batch_size=None,
+                        sampler=itertools.count(start), num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None, worker_init_fn=worker_signals if workers else None)
+    return iter(loader)
+
+
+# --- the step -------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """How a step picks its rows: the arm's knobs and, across processes, the scope of the top-k."""
+
+    frac: float
+    criterion: str
+    scored: int  # rows this process draws and scores per step
+    kept: int  # rows this process back-propagates per step
+    seed: int
+    scope: str  # local: each process keeps its own top-k; global: the top-k of the whole batch
+    device: torch.device
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def gathered(self) -> bool:
+        return self.scope == "global" and self.world > 1
+
+    def generator(self, step: int) -> torch.Generator:
+        """The random draws of a step (random arm, loss_proportional): the same on every rank when global."""
+        key = ("select", step) if self.gathered or self.world == 1 else ("select", step, self.rank)
+        return seeded(self.seed, *key, device=self.device)
+
+    def keep(self, scores: Optional[Tensor], features: Optional[Tensor], step: int) -> Tensor:
+        """Indices of the rows to back-propagate: into this process's rows, or everyone's when global."""
+        n, kept = (self.scored * self.world, self.kept * self.world) if self.gathered else (self.scored, self.kept)
+        if self.criterion == "random":
+            return random_subset(n, kept, self.generator(step))
+        return select(scores, kept, self.criterion, self.generator(step), features, self.frac)
+
+    def share(self, keep: Tensor) -> Tensor:
+        """This process's equal share of a global selection (its own selection when local)."""
+        if not self.gathered:
+            return keep
+        return keep.sort().values[self.rank * self.kept:(self.rank + 1) * self.kept]
+
+
+def train_step(model, score_fn: Callable, batch: dict, optimizer, autocast, sel: Selection,
+               step: int) -> tuple[Tensor, Optional[Tensor]]:
+    """One step: score -> select -> update. Returns the loss and, when scored, (sum of scores, sum kept)."""
+    score_sums = None
+    if sel.frac < 1:  # vanilla never scores
+        scores = features = None
+        if sel.criterion != "random":
+            with autocast():
+                scores, features = score_fn(batch)
+            if sel.gathered:  # every rank sees every score and selects the same global top-k
+                scores = distributed.all_gather(scores)
+                features = None if features is None else distributed.all_gather(features)
+        keep = sel.keep(scores, features, step)
+        if scores is not None:
+            score_sums = torch.stack([scores.sum(), scores[keep].sum()])
+        if sel.gathered:
+            batch = {k: distributed.all_gather(v) for k, v in batch.items()}
+        batch = take(batch, sel.share(keep))
+    with autocast():
+        loss = model(batch)  # the model's (or DDP's) call is its training loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), score_sums
+
+
+def scorer(model, exit_layer: int, criterion: str, compile_fn: Optional[Callable] = None) -> Callable:
+    """The cheap pass as a function of the batch: (scores, features or None), without gradients, in the
+    model's scoring mode. The mode is entered outside what compile_fn compiles: it changes module flags."""
+    if criterion in FEATURE_CRITERIA:
+        def cheap_pass(batch):
+            return model.exit_scores(batch, exit_layer, criterion, features=True)
+    else:
+        def cheap_pass(batch):
+            return model.exit_scores(batch, exit_layer, criterion), None
+    cheap_pass = compile_fn(cheap_pass) if compile_fn else cheap_pass
+
+    def score(batch):
+        with torch.no_grad(), model.scoring_mode():
+            return cheap_pass(batch)
+    return score
+
+
+@contextlib.contextmanager
+def restored(model, optimizer):
+    """Run a step's forward and backward without a trace: buffers (batch-norm statistics) and gradients
+    are put back, and the optimizer never steps, so counting or compiling changes no state."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        model.load_state_dict(buffers, strict=False)
+        optimizer.zero_grad(set_to_none=True)
+
+
+class NoStep:
+    """An optimizer stand-in for the passes that must not update: counting FLOPs, compiling."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+# --- evaluation and diagnostics ---------------------------------------------------------------
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[dict], autocast) -> dict:
+    """Validation accuracy and loss from the sums of every process's shard, reduced exactly."""
     with eval_mode(model), autocast():
         sums = [model.evaluate(b) for b in batches]
-    total = {k: sum(s[k] for s in sums).item() for k in sums[0]}
+    keys = sorted(sums[0])
+    total = distributed.all_reduce_sum(torch.stack([sum(s[k] for s in sums).double() for k in keys]))
+    total = dict(zip(keys, total.tolist()))
     row = {"val_acc": total["correct"] / total["count"], "val_loss": total["loss_sum"] / total["count"]}
     # extra accuracies a model reports, e.g. an exit head's "exit_correct" -> "val_exit_acc"
     row.update({f"val_{k[:-len('_correct')]}_acc": v / total["count"] for k, v in total.items()
@@ -84,133 +302,326 @@ def evaluate(model, batches: list[dict], autocast) -> dict:
     return row
 
 
-def progress_bar(enabled: bool) -> Progress:
-    columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.fields[step]}"),
-               TextColumn("{task.fields[rate]:,.0f} samples/s"), TextColumn("val_acc {task.fields[val_acc]}"),
-               TimeElapsedColumn()]
-    return Progress(*columns, disable=not enabled, transient=False)
-
-
-def train_step(model, batch: dict, optimizer, scheduler, autocast, *, frac: float, criterion: str,
-               exit_layer: int, kept: int, generator: torch.Generator) -> tuple[Tensor, Optional[Tensor]]:
-    """One step: score -> select -> update. Returns the loss and, when scored, (sum of scores, sum kept)."""
-    score_sums = None
-    if frac < 1:  # vanilla never scores
-        if criterion == "random":
-            keep = random_subset(len(batch["labels"]), kept, generator)
-        else:
-            with torch.no_grad(), eval_mode(model), autocast():
-                scores = model.exit_scores(batch, exit_layer, criterion)
-            keep = top(scores, kept)
-            score_sums = torch.stack([scores.sum(), scores[keep].sum()])
-        batch = take(batch, keep)
-    with autocast():
-        loss = model.loss(batch)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return loss.detach(), score_sums
-
-
 @torch.no_grad()
 def diagnose(model, probe: dict, frac: float, criterion: str, autocast) -> dict:
-    """How well each exit layer's score ranks the probe batch against the exact per-sample loss."""
-    criterion = criterion if criterion in ("loss", "entropy") else "loss"
-    keep = step_sizes(len(probe["labels"]), frac, "scored")[1]
-    with eval_mode(model), autocast():
-        exact = model.exit_scores(probe, model.depth, "loss")
-        scores = {k: model.exit_scores(probe, k, criterion) for k in range(1, model.depth + 1)}
+    """How well each exit layer's score ranks the probe batch against the exact per-sample loss.
+
+    The exact loss is taken as the update sees it (batch-norm layers normalising by the batch); a model
+    with a choice of statistics for scoring (ResNet's score_bn) also reports the other choice's ranking."""
+    criterion = criterion if criterion in ("loss", "entropy", "gradnorm") else "loss"
+    keep = step_sizes(rows(probe), frac, "scored")[1]
+    modes = [getattr(model, "score_bn", None)]
+    if modes[0] is not None:
+        modes.append("running" if modes[0] == "batch" else "batch")
     row = {}
-    for k, s in scores.items():
-        row[f"spearman_k{k}"] = spearman(s, exact)
-        row[f"overlap_k{k}"] = overlap(top(s, keep), top(exact, keep))
+    with autocast():
+        with model.scoring_mode("batch" if modes[0] else None):
+            exact = model.exit_scores(probe, model.depth, "loss")
+        for mode in modes:
+            suffix = "" if mode == modes[0] else f"_{mode}"
+            with model.scoring_mode(mode):
+                scores = {k: model.exit_scores(probe, k, criterion) for k in range(1, model.depth + 1)}
+            for k, s in scores.items():
+                row[f"spearman_k{k}{suffix}"] = spearman(s, exact)
+                row[f"overlap_k{k}{suffix}"] = overlap(top(s, keep), top(exact, keep))
     return row
 
 
-def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress: bool) -> dict:
-    """Train until the step or time budget runs out. Returns the totals for summary.json."""
+def progress_bar(enabled: bool) -> Progress:
+    columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.fields[step]}"),
+               TextColumn("{task.fields[rate]:,.0f} samples/s"), TextColumn("{task.fields[mfu]}"),
+               TextColumn("val_acc {task.fields[val_acc]}"), TimeElapsedColumn()]
+    return Progress(*columns, disable=not enabled, transient=False)
+
+
+# --- stopping: budgets, preemption signals, Ctrl-C ------------------------------------------
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+RUNNING, INTERRUPTED, PREEMPTED = 0, 1, 2  # ordered: the strongest request across ranks wins
+
+
+class StopRequests:
+    """Signals set a flag; the loop acts on it at the next step boundary (nothing is saved in a handler).
+
+    SIGTERM, SIGUSR1 and SIGUSR2 (SLURM, submitit) ask for a checkpoint and a requeue; the first Ctrl-C
+    asks to evaluate, record and checkpoint; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.request, self.signum, self._previous = RUNNING, None, {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.request == INTERRUPTED:
+                raise KeyboardInterrupt
+            print("interrupted: stopping after this step to evaluate, record and checkpoint "
+                  "(Ctrl-C again to abort)", file=sys.stderr)
+        self.request = max(self.request, PREEMPTED if signum != signal.SIGINT else INTERRUPTED)
+        self.signum = self.signum or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for s in (signal.SIGINT, *PREEMPTION_SIGNALS):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# --- the training state -----------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything the next step depends on besides the model's and optimizer's tensors.
+
+    Data order, masking, augmentation, the random arm's draws and dropout are pure functions of
+    (seed, step, rank), so none of their states is here: the step number stands for all of them."""
+
+    step: int = 0
+    samples_seen: int = 0
+    samples_backpropagated: int = 0
+    train_time_s: float = 0.0
+    data_time_s: float = 0.0
+    lost_time_s: float = 0.0  # training time thrown away by kills, after their last checkpoint
+    earlier_wall_time_s: float = 0.0
+    restarts: int = 0
+    last_eval_step: Optional[int] = None
+    next_eval_s: Optional[float] = None
+    next_checkpoint_s: Optional[float] = None
+    window: list = field(default_factory=list)  # (loss, score sums) of the steps since the last evaluation
+
+    def to_json(self) -> dict:
+        state = asdict(self)
+        state["window"] = [[loss.item(), None if s is None else s.tolist()] for loss, s in self.window]
+        return state
+
+    @classmethod
+    def from_json(cls, state: dict, device: torch.device) -> "TrainState":
+        state = {k: v for k, v in state.items() if k in cls.__dataclass_fields__}
+        state["window"] = [(torch.tensor(loss, device=device),
+                            None if s is None else torch.tensor(s, device=device)) for loss, s in state["window"]]
+        return cls(**state)
+
+
+def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress: bool,
+        checkpointer: Checkpointer, resumed: Optional[tuple[dict, dict]], meta: dict) -> dict:
+    """Train until a budget runs out or a stop is requested. Returns the totals for summary.json."""
     t = cfg.trainer
-    scored, kept = step_sizes(t.batch_size, cfg.frac, t.batch_mode)
-    if data.num_train < scored:
-        raise ConfigError(f"trainer.batch_size draws {scored} samples per step but the training set has "
+    world, rank = distributed.world(), distributed.rank()
+    scored, kept = step_sizes(t.batch_size // world, cfg.frac, t.batch_mode)
+    if data.num_train < scored * world:
+        raise ConfigError(f"trainer.batch_size draws {scored * world} samples per step but the training set has "
                           f"{data.num_train}; use a smaller batch or more data")
     optimizer = instantiate(t.optimizer)(params=model.parameters())
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps,
-                              num_training_steps=t.max_steps)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    state = TrainState()
+    if resumed is not None:
+        tensors, saved = resumed
+        distributed.unwrap(model).load_state_dict(tensors["model"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        state = TrainState.from_json(saved["train_state"], device)
+    # a process trained here before: what it trained after its last checkpoint (all, if none) is lost
+    clock_at_kill = checkpointer.clock() if distributed.is_main() else None
+    if resumed is not None or clock_at_kill:
+        state.restarts += 1
+    if clock_at_kill and clock_at_kill["train_time_s"] > state.train_time_s:
+        state.lost_time_s += clock_at_kill["train_time_s"] - state.train_time_s
+    model = distributed.wrap(model, device)
+    core = distributed.unwrap(model)
     autocast = autocast_for(t.precision, device)
-    step_args = dict(frac=cfg.frac, criterion=cfg.criterion, exit_layer=cfg.exit_layer, kept=kept,
-                     generator=torch.Generator(device).manual_seed(cfg.seed))  # the random arm's own stream
-    val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size)]
-    diagnose_every = cfg.diagnostics.every_n_steps
+    sel = Selection(cfg.frac, cfg.criterion, scored, kept, cfg.seed, t.selection_scope, device, world, rank)
+    val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size, rank, world)]
+    if not val:
+        raise ConfigError(f"the validation set has too few samples to give each of {world} processes one")
+    gate = Gate() if data.num_workers else None
+    stream = batch_stream(data, scored * world, cfg.seed, state.step, device, gate)
+    score_fn, loss_model = scorer(core, cfg.exit_layer, cfg.criterion), model
+    unit = t.schedule_unit
+    horizon = {"steps": t.max_steps, "time": t.max_time_s,
+               "samples": t.max_steps * t.batch_size if t.max_steps else None}[unit]
     max_steps, max_time = t.max_steps or math.inf, t.max_time_s or math.inf
-    next_eval_s = t.eval_every_s or math.inf
-    clock, wall_start = Clock(device), time.perf_counter()
-    step = seen = backpropagated = 0
-    window = []  # (loss, score sums) of the steps since the last evaluation, still on the device
+    clock, wall_start = Clock(device, state.train_time_s), time.perf_counter()
+
+    # before the clock: count the step's FLOPs once, then compile; neither changes any state
+    first = to_device(next(stream), device)
+    probe = functools.partial(train_step, model, score_fn, first, NoStep(optimizer), autocast, sel, state.step)
+    with restored(core, optimizer):
+        flops_per_step = count_flops(probe)
+    compile_time_s = 0.0
+    if str(t.compile).lower() == "true" or (str(t.compile).lower() == "auto" and device.type == "cuda"):
+        score_fn, loss_model, compile_time_s = compile_step(model, core, cfg, first, optimizer, autocast, sel,
+                                                            state.step, device)
+    peak = peak_flops(device)
+    marks = {"step": state.step, "time": state.train_time_s}  # where the current evaluation window began
+
+    def throughput() -> dict:
+        steps, seconds = state.step - marks["step"], clock.total - marks["time"]
+        marks.update(step=state.step, time=clock.total)
+        if not steps or seconds <= 0:
+            return {}
+        tflops = flops_per_step * steps / seconds / 1e12
+        return {"tflops": tflops, **({"mfu": tflops * 1e12 / peak} if peak else {})}
+
+    def settle_window() -> None:
+        """Average the window's losses and score sums over the ranks. Each rank trains and scores as many rows,
+        so the mean of their means is the mean over the global batch; averaging again changes nothing, so a
+        window settled for a checkpoint and settled again at the next evaluation stays the same."""
+        if world == 1 or not state.window:
+            return
+        losses, sums = zip(*state.window)
+        losses = distributed.all_reduce_sum(torch.stack(losses)) / world
+        sums = (distributed.all_reduce_sum(torch.stack(sums)) / world).unbind() if sums[0] is not None else sums
+        state.window = list(zip(losses.unbind(), sums))
 
     def log_eval() -> dict:
-        losses = [loss for loss, _ in window]
-        row = {"step": step, "train_time_s": clock.total, "wall_time_s": time.perf_counter() - wall_start,
-               "samples_seen": seen, "samples_backpropagated": backpropagated,
-               **evaluate(model, val, autocast),
+        settle_window()
+        losses = [loss for loss, _ in state.window]
+        row = {"step": state.step, "train_time_s": clock.total,
+               "wall_time_s": state.earlier_wall_time_s + time.perf_counter() - wall_start,
+               "samples_seen": state.samples_seen, "samples_backpropagated": state.samples_backpropagated,
+               **evaluate(core, val, autocast),
                "train_loss": torch.stack(losses).mean().item() if losses else None,
-               "lr": scheduler.get_last_lr()[0]}
-        sums = [s for _, s in window if s is not None]
+               "lr": optimizer.param_groups[0]["lr"], "data_time_s": state.data_time_s, **throughput()}
+        sums = [s for _, s in state.window if s is not None]
         if sums and scored > kept:  # mean score of the kept and of the dropped samples
             total, kept_sum = torch.stack(sums).sum(0).tolist()
-            row["score_kept"] = kept_sum / (len(sums) * kept)
-            row["score_dropped"] = (total - kept_sum) / (len(sums) * (scored - kept))
-        window.clear()
+            n_kept, n_scored = (kept * world, scored * world) if sel.gathered else (kept, scored)
+            row["score_kept"] = kept_sum / (len(sums) * n_kept)
+            row["score_dropped"] = (total - kept_sum) / (len(sums) * (n_scored - n_kept))
+        state.window.clear()
+        state.last_eval_step = state.step
         record.log(row)
         return row
 
-    last = log_eval()  # the starting point of every curve: step 0, time 0
-    interrupted = False
+    def save_checkpoint() -> None:
+        state.train_time_s = clock.total
+        settle_window()  # the window saved is the global one, whichever rank count resumes it
+        if distributed.is_main():
+            saved = state.to_json()
+            saved["earlier_wall_time_s"] += time.perf_counter() - wall_start
+            checkpointer.save(state.step, {"model": core.state_dict(), "optimizer": optimizer.state_dict()},
+                              {**meta, "train_state": saved, "positions": record.positions(), "world_size": world})
+        distributed.barrier()
+
+    def paused(work: Callable[[], None]) -> None:
+        """Run work off the training clock, with the data workers held back (see Gate)."""
+        if gate:
+            gate.close()
+        clock.stop()
+        work()
+        clock.start()
+        if gate:
+            gate.open()
+
+    if state.last_eval_step is None:
+        log_eval()  # the starting point of every curve: step 0, time 0
+    last_acc = f"{record.rows[-1]['val_acc']:.4f}" if record.rows else "-"
+    if state.next_eval_s is None:
+        state.next_eval_s = clock.total + (t.eval_every_s or math.inf)
+    if state.next_checkpoint_s is None:
+        state.next_checkpoint_s = clock.total + (t.checkpoint_every_s or math.inf)
     bar_total = max_time if t.max_time_s else max_steps
-    with progress_bar(show_progress) as bar:
-        task = bar.add_task("train", total=bar_total, step=0, rate=0.0, val_acc=f"{last['val_acc']:.4f}")
+    batch, request = first, RUNNING
+    with progress_bar(show_progress and distributed.is_main()) as bar, StopRequests() as stop:
+        task = bar.add_task("train", total=bar_total, step=state.step, rate=0.0, mfu="", val_acc=last_acc)
         model.train()
         clock.start()
-        try:
-            for batch in data.train_batches(scored, cfg.seed):
-                window.append(train_step(model, to_device(batch, device), optimizer, scheduler, autocast,
-                                         **step_args))
-                step, seen, backpropagated = step + 1, seen + scored, backpropagated + kept
-                elapsed = clock.peek()
-                bar.update(task, completed=elapsed if t.max_time_s else step, step=step,
-                           rate=seen / max(elapsed, 1e-9))
-                if step >= max_steps or elapsed >= max_time:
-                    break
-                if diagnose_every and step % diagnose_every == 0:
-                    clock.stop()  # diagnostics, like evaluation, are not training time
-                    record.log({"step": step, "train_time_s": clock.total,
-                                **diagnose(model, val[0], cfg.frac, cfg.criterion, autocast)}, DIAGNOSTICS)
-                    clock.start()
-                if (t.eval_every_steps and step % t.eval_every_steps == 0) or elapsed >= next_eval_s:
-                    clock.stop()
-                    last = log_eval()
-                    bar.update(task, val_acc=f"{last['val_acc']:.4f}")
-                    next_eval_s = clock.total + (t.eval_every_s or math.inf)
-                    clock.start()
-        except KeyboardInterrupt:  # keep what was trained: the final evaluation and summary still run
-            interrupted = True
-            print("interrupted: evaluating and writing the record", file=sys.stderr)
+        while state.step < max_steps and clock.peek() < max_time:
+            if batch is None:
+                waited = time.perf_counter()
+                batch = to_device(next(stream), device)
+                state.data_time_s += time.perf_counter() - waited
+            progress = {"steps": state.step, "samples": state.samples_backpropagated, "time": clock.peek()}[unit]
+            factor = lr_factor(progress, t.warmup, horizon, t.scheduler)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            torch.manual_seed(seed_of(cfg.seed, "dropout", state.step, rank))  # dropout: a function of the step
+            state.window.append(train_step(loss_model, score_fn, batch, optimizer, autocast, sel, state.step))
+            batch = None
+            state.step += 1
+            state.samples_seen += scored * world
+            state.samples_backpropagated += kept * world
+            kill_point("step", state.step)
+            elapsed, request = distributed.agree_max([clock.peek(), stop.request])
+            if distributed.is_main():
+                checkpointer.write_clock(state.step, elapsed)
+                bar.update(task, completed=elapsed if t.max_time_s else state.step, step=state.step,
+                           rate=(state.samples_seen) / max(elapsed, 1e-9))
+            if request != RUNNING or state.step >= max_steps or elapsed >= max_time:
+                break
+            if cfg.diagnostics.every_n_steps and state.step % cfg.diagnostics.every_n_steps == 0:
+                def diagnostics():  # on the main process's probe batch: a sample, not a sum to reduce
+                    if distributed.is_main():
+                        record.log({"step": state.step, "train_time_s": clock.total,
+                                    **diagnose(core, val[0], cfg.frac, cfg.criterion, autocast)}, DIAGNOSTICS)
+                paused(diagnostics)
+            if (t.eval_every_steps and state.step % t.eval_every_steps == 0) or elapsed >= state.next_eval_s:
+                def evaluation():
+                    row = log_eval()
+                    state.next_eval_s = clock.total + (t.eval_every_s or math.inf)
+                    bar.update(task, val_acc=f"{row['val_acc']:.4f}",
+                               mfu=f"MFU {row['mfu']:.0%}" if "mfu" in row else
+                               (f"{row['tflops']:.2f} TFLOP/s" if "tflops" in row else ""))
+                paused(evaluation)
+            if (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0) or \
+                    elapsed >= state.next_checkpoint_s:
+                def periodic():
+                    state.next_checkpoint_s = clock.total + (t.checkpoint_every_s or math.inf)
+                    save_checkpoint()
+                paused(periodic)
         clock.stop()
-        if last["step"] != step:
-            last = log_eval()
-        bar.update(task, val_acc=f"{last['val_acc']:.4f}")
+        if gate:
+            gate.open()  # workers waiting at the gate must be free to exit
+        del stream
+        # preempted: only the checkpoint, within the scheduler's grace period, and no evaluation off the
+        # schedule, so the resumed run's rows are those of a run never stopped
+        if state.last_eval_step != state.step and request != PREEMPTED:
+            log_eval()
+        save_checkpoint()  # at the end and on any stop
 
+    status = {RUNNING: "completed", INTERRUPTED: "interrupted", PREEMPTED: "preempted"}[int(request)]
     return {
-        "status": "interrupted" if interrupted else "completed",
-        "steps": step,
+        "status": status,
+        "stop_signal": stop.signum if status != "completed" else None,
+        "steps": state.step,
         "train_time_s": clock.total,
-        "wall_time_s": time.perf_counter() - wall_start,
-        "samples_seen": seen,
-        "samples_backpropagated": backpropagated,
-        "samples_scored_per_step": scored,
-        "samples_backpropagated_per_step": kept,
-        "final_val_acc": last["val_acc"],
-        "final_val_loss": last["val_loss"],
-        "best_val_acc": max(r["val_acc"] for r in record.rows),
+        "wall_time_s": state.earlier_wall_time_s + time.perf_counter() - wall_start,
+        "lost_time_s": state.lost_time_s,
+        "restarts": state.restarts,
+        "data_time_s": state.data_time_s,
+        "compile_time_s": compile_time_s,
+        "flops_per_step": flops_per_step,
+        "samples_seen": state.samples_seen,
+        "samples_backpropagated": state.samples_backpropagated,
+        "samples_scored_per_step": scored * world,
+        "samples_backpropagated_per_step": kept * world,
+        # the main process holds every row; the others only those since they started
+        "final_val_acc": record.rows[-1]["val_acc"] if record.rows else None,
+        "final_val_loss": record.rows[-1]["val_loss"] if record.rows else None,
+        "best_val_acc": max((r["val_acc"] for r in record.rows), default=None),
     }
+
+
+def compile_step(model, core, cfg, batch, optimizer, autocast, sel, step, device):
+    """torch.compile the scoring pass and the training forward/backward, warmed up on a batch before the
+    clock starts (state restored afterwards). A failure falls back to eager with a one-line warning."""
+    import warnings
+
+    mode = cfg.trainer.compile_mode
+    compile_fn = functools.partial(torch.compile, mode=mode, dynamic=False)
+    start = time.perf_counter()
+    try:
+        score_fn = scorer(core, cfg.exit_layer, cfg.criterion, compile_fn)
+        compiled = compile_fn(model)
+        for _ in range(3 if mode and "reduce-overhead" in mode else 1):  # CUDA graphs record on a later call
+            with restored(core, optimizer):
+                train_step(compiled, score_fn, batch, NoStep(optimizer), autocast, sel, step)
+        synchronize(device)
+    except Exception as err:  # an unsupported op or backend: eager still trains correctly
+        warnings.warn(f"trainer.compile: torch.compile failed ({type(err).__name__}: {first_line(err)}); "
+                      f"training eagerly")
+        return scorer(core, cfg.exit_layer, cfg.criterion), model, 0.0
+    return score_fn, compiled, time.perf_counter() - start

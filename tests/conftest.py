@@ -63,11 +63,13 @@ def tiny_overrides(corpus_file: Path, *extra: str) -> list[str]:
         "data=text_files", f"data.paths=[{corpus_file}]", "data.seq_len=32", "data.vocab_size=200",
         "data.val_fraction=0.2", "trainer.batch_size=8", "trainer.max_steps=6", "trainer.max_time_s=null",
         "trainer.eval_every_steps=3", "trainer.eval_every_s=null", "trainer.eval_batch_size=16",
-        "logger=none", *extra,
+        # a schedule in steps: reproducible to the bit (in time, the rate depends on the machine's speed)
+        "trainer.schedule_unit=steps", "trainer.warmup=2", "logger=none", *extra,
     ]
 
 
-def sift_train(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the real console entry point, as a user types it."""
-    return subprocess.run([sys.executable, "-m", "sift_cli.train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def sift_train(*args: str, cwd: Path = REPO, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run the real console entry point, as a user types it, in a session of its own (so a signal it sends
+    its process group, as a terminal or SLURM would, reaches only it), with `env` added to the environment."""
+    return subprocess.run([sys.executable, "-m", "sift_cli.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, start_new_session=True)

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
@@ -16,7 +14,7 @@ def choices(group):
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
 def test_every_config_group_choice_composes_and_validates(group, choice):
-    extra = {"data": {"text_files": ["data.paths=[a.txt]"], "hf": ["data.name=x"]}}
+    extra = {"data": {"text_files": ["data.paths=[a.txt]"], "hf": ["data.name=x"], "image_folder": ["data.root=x"]}}
     cfg = make_config([f"{group}={choice}", *extra.get(group, {}).get(choice, [])])
     validate(cfg)
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -45,17 +43,35 @@ def test_checkpoint_tokenizer_follows_model_pretrained():
     ("frac=1.5", "frac=1.5 is outside (0, 1]"),
     ("frac=0", "frac=0.0 is outside (0, 1]"),
     ("exit_layer=0", "exit_layer=0 must be at least 1"),
-    ("criterion=margin", "criterion=margin is not allowed; choose one of: loss, entropy, random"),
+    ("criterion=margin", "criterion=margin is not allowed; choose one of: loss, entropy, random, gradnorm"),
     ("trainer.max_steps=-3", "trainer.max_steps=-3 must be positive"),
     ("trainer.max_time_s=-1", "trainer.max_time_s=-1.0 must be positive"),
     ("trainer.precision=fp8", "trainer.precision=fp8 is not allowed"),
-    ("trainer.scheduler=linear", "trainer.scheduler=linear decays over trainer.max_steps"),
+    ("trainer.scheduler=linear trainer.schedule_unit=steps",
+     "trainer.scheduler=linear with trainer.schedule_unit=steps decays over trainer.max_steps, which is null; "
+     "use trainer.schedule_unit=time"),
+    ("trainer.schedule_unit=epochs", "trainer.schedule_unit=epochs is not allowed; choose one of: time, steps"),
+    ("trainer.compile=maybe", "trainer.compile=maybe is not allowed; choose one of: auto, true, false"),
+    ("trainer.selection_scope=world", "trainer.selection_scope=world is not allowed; choose one of: local, global"),
+    ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints=0 must be at least 1"),
+    ("trainer.bach_size=8", "trainer.bach_size is not a known key; did you mean trainer.batch_size?"),
+    ("+trainer.bach_size=8", "trainer.bach_size is not a known key; did you mean trainer.batch_size?"),
+    ("+logger.projekt=x", "logger.projekt is not a known key; did you mean logger.project?"),
+    ("+sede=3", "sede is not a known key; did you mean seed?"),
+    ("trainer.warmup_steps=10", "trainer.warmup_steps is not a known key; did you mean trainer.warmup?"),
+    ("data=text_files", "data.paths is required and has no value; set it on the command line, e.g. "
+                        "data.paths=[corpus.txt]"),
+    ("data=hf", "data.name is required and has no value"),
+    ("data=image_folder", "data.root is required and has no value"),
+    ("exit_layer=3", "exit_layer=3 is beyond bert_tiny, which has 2 blocks; choose 1..2"),
+    ("model=resnet18 data=digits exit_layer=5", "exit_layer=5 is beyond resnet18, which has 4 blocks"),
+    ("data.seq_len=600", "data.seq_len=600 is longer than the model's 512 positions (model.max_position)"),
     ("model=gpt2", "model=gpt2 is not a known model; choose one of: bert, bert_large"),
     ("frac=abc", "frac=abc"),
 ])
 def test_bad_values_are_rejected_with_the_key_the_value_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as err:
-        precheck([override])
+        precheck(override.split())
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -63,9 +79,33 @@ def test_precheck_expands_sweeps_so_a_bad_value_stops_the_whole_sweep():
     precheck(["frac=0.25,0.5,1.0", "criterion=loss,entropy"])
     with pytest.raises(ConfigError, match="frac=1.5"):
         precheck(["frac=0.5,1.5"])
+    with pytest.raises(ConfigError, match="exit_layer=3 is beyond"):  # known from the config: no job runs first
+        precheck(["--multirun", "exit_layer=1,3"])
 
 
-@pytest.mark.parametrize("overrides", [["data=digits"], ["data=text_files", "data.paths=[CORPUS]"]])
+def test_precheck_honours_the_users_config_dir_and_config_path(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nfrac: 0.25\n")
+    precheck(["--config-dir", str(tmp_path), "experiment=mine"])
+    with pytest.raises(ConfigError, match="experiment=mine is not a known experiment"):
+        precheck(["experiment=mine"])
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.yaml").write_text((CONF / "config.yaml").read_text().replace("frac: 0.5", "frac: 7"))
+    for group in ("model", "data", "trainer", "logger", "experiment", "debug", "local"):
+        (own / group).symlink_to(CONF / group)
+    with pytest.raises(ConfigError, match="frac=7"):  # the primary config comes from --config-path
+        precheck(["--config-path", str(own)])
+
+
+def test_a_decaying_schedule_follows_the_unit_of_the_budget():
+    validate(make_config(["trainer.scheduler=cosine"]))  # time unit, time budget: decays over max_time_s
+    validate(make_config(["trainer.scheduler=linear", "trainer.schedule_unit=steps", "trainer.max_steps=100"]))
+    with pytest.raises(ConfigError, match="decays over trainer.max_time_s, which is null"):
+        validate(make_config(["trainer.scheduler=linear", "trainer.max_time_s=null", "trainer.max_steps=10"]))
+
+
+@pytest.mark.parametrize("overrides", [["data=digits"], ["data=text_files", "data.paths=[CORPUS]", "data.val_fraction=0.2"]])
 def test_the_debug_group_builds_with_every_offline_data_choice(overrides, corpus_file):
     from sift_cli.train import build
 

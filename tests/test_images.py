@@ -10,12 +10,13 @@ from PIL import Image
 
 from conftest import make_config, sift_train
 from sift_cli.config import ConfigError
-from sift_cli.data.images import image_folder
+from sift_cli.data import order
+from sift_cli.data.images import ImageData, View, image_folder, per_sample, resolve_workers
 from sift_cli.models.resnet import ResNetClassifier
 from sift_cli.train import build
 
 FAST = ["model=resnet18", "trainer.batch_size=8", "trainer.max_steps=4", "trainer.max_time_s=null",
-        "trainer.eval_every_steps=2", "trainer.eval_every_s=null", "trainer.warmup_steps=0", "logger=none"]
+        "trainer.eval_every_steps=2", "trainer.eval_every_s=null", "trainer.warmup=0", "logger=none"]
 TINY_DIGITS = ["data=digits", "data.image_size=8", "data.max_val_samples=32"]
 
 
@@ -121,27 +122,191 @@ def test_configs_compose_for_every_model_and_image_data(tmp_path):
         for data in (["data=digits"], ["data=cifar10"], ["data=image_folder", f"data.root={tmp_path}"]):
             cfg = make_config([f"model={model}", *data])
             assert cfg.model.arch == model and cfg.data._target_.startswith("sift_cli.data.images.")
+            assert (cfg.data.duplicate_fraction, cfg.data.duplicate_pool, cfg.data.noise_fraction) == (0.0, 4, 0.0)
     cfg = make_config(["data=cifar10"])
-    assert cfg.data.root == f"{os.environ['SIFT_CACHE']}/cifar10"  # beside the text caches
-    assert cfg.data.download is True and cfg.data.verify is True
+    assert cfg.data.download is True and cfg.data.verify is True and cfg.data.num_workers == "auto"
+    # root null: beside the text caches, in the one cache home
+    with pytest.raises(ConfigError, match=f"data.root={os.environ['SIFT_CACHE']}/cifar10 holds no usable"):
+        build(make_config(["data=cifar10", "data.download=false"]).data)
 
 
-def test_digits_are_split_by_class_and_batched_endlessly_in_seeded_order():
+def test_digits_are_split_by_class_and_served_as_full_batches():
     data = build(make_config(["data=digits", "data.image_size=8"]).data)
     assert data.task == "image" and data.model_args == {"num_classes": 10, "image_size": 8}
+    assert data.num_workers == 0 and data.setting == {"duplicate_fraction": 0.0, "duplicate_pool": 4,
+                                                      "noise_fraction": 0.0}
     val_labels = torch.cat([b["labels"] for b in data.val_batches(100)])
     assert data.num_train + len(val_labels) == 1797
     assert (torch.bincount(val_labels, minlength=10) >= 30).all()  # stratified: ~36 of each digit
-    batches = data.train_batches(512, seed=1)
-    first = [next(batches) for _ in range(5)]  # 2 full batches per epoch: runs into the third epoch
-    for b in first:
-        assert b["images"].shape == (512, 3, 8, 8) and b["images"].dtype == torch.float32
-        assert b["labels"].shape == (512,) and b["labels"].dtype == torch.long
-    assert torch.equal(next(data.train_batches(512, seed=1))["labels"], first[0]["labels"])
-    assert not torch.equal(next(data.train_batches(512, seed=2))["labels"], first[0]["labels"])
-    assert not torch.equal(first[0]["labels"], first[2]["labels"])  # each epoch reshuffled
+    b = data.train_batch(4, 512, seed=1)  # 2 full batches per epoch: step 4 is in the third epoch
+    assert b["images"].shape == (512, 3, 8, 8) and b["images"].dtype == torch.float32
+    assert b["labels"].shape == (512,) and b["labels"].dtype == torch.long
+    assert not b["images"].is_pinned()
+    assert not torch.equal(data.train_batch(0, 512, seed=1)["labels"], data.train_batch(0, 512, seed=2)["labels"])
     val_again = torch.cat([b["images"] for b in data.val_batches(100)])
     assert torch.equal(val_again, torch.cat([b["images"] for b in data.val_batches(100)]))  # no augmentation
+
+
+def tiny_digits(*overrides):
+    return build(make_config(["data=digits", "data.image_size=8", *overrides]).data)
+
+
+def test_train_batch_is_a_pure_function_of_its_arguments():
+    data = tiny_digits()
+    first = data.train_batch(5, 64, seed=3)
+    for step in (0, 30, 5, 2):  # other calls in between, the next epoch's permutation among them
+        data.train_batch(step, 64, seed=3)
+    again, fresh = data.train_batch(5, 64, seed=3), tiny_digits().train_batch(5, 64, seed=3)
+    unpickled = pickle.loads(pickle.dumps(data)).train_batch(5, 64, seed=3)  # as a spawned worker sees it
+    for other in (again, fresh, unpickled):
+        assert all(torch.equal(first[k], other[k]) for k in first)
+
+
+class Steps(torch.utils.data.Dataset):
+    """What the trainer's DataLoader wraps: the step number -> that step's batch."""
+
+    def __init__(self, data, batch_size, seed):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+
+    def __getitem__(self, step):
+        return self.data.train_batch(step, self.batch_size, self.seed)
+
+
+def test_train_batches_from_dataloader_workers_equal_the_main_process_ones():
+    data = tiny_digits()
+    loader = torch.utils.data.DataLoader(Steps(data, 32, seed=0), batch_size=None, sampler=range(4), num_workers=2)
+    for step, batch in enumerate(loader):
+        expected = data.train_batch(step, 32, seed=0)
+        assert all(torch.equal(batch[k], expected[k]) for k in expected)
+
+
+def test_the_shares_of_the_ranks_make_up_the_global_batch():
+    data = tiny_digits()
+    whole = data.train_batch(7, 48, seed=2)
+    for world in (2, 3):
+        shares = [data.train_batch(7, 48, seed=2, rank=r, world=world) for r in range(world)]
+        assert all(len(s["labels"]) == 48 // world for s in shares)
+        for key in whole:
+            assert torch.equal(torch.cat([s[key] for s in shares]), whole[key])
+
+
+def test_train_batch_leaves_the_callers_random_state_alone(monkeypatch):
+    data = tiny_digits()
+    reseeded = []  # torch.manual_seed would reseed every CUDA device too: dropout's stream on a GPU
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    torch.manual_seed(123)
+    reseeded.clear()
+    state = torch.get_rng_state()
+    data.train_batch(0, 32, seed=0)
+    assert torch.equal(torch.get_rng_state(), state) and reseeded == []
+
+
+def test_each_step_and_row_draws_its_own_augmentation():
+    # one image copied into 90% of the rows: its crops must vary between the rows and between the steps
+    data = tiny_digits("data.image_size=16", "data.duplicate_fraction=0.9", "data.duplicate_pool=1")
+    pool = data.known.source[data.known.duplicated[0]]
+
+    def copies(step):
+        rows = data.known.source[order.global_batch(data.num_train, 32, 0, step)] == pool
+        return rows, data.train_batch(step, 32, seed=0)["images"]
+
+    (rows0, first), (rows1, second) = copies(0), copies(1)
+    assert len(torch.unique(first[rows0], dim=0)) >= 8  # a 16 px digit has 25 crops: ~17 among ~29 copies
+    same_row = rows0 & rows1
+    assert (first[same_row] != second[same_row]).flatten(1).any(1).float().mean() > 0.5  # 24 in 25 expected
+
+
+def numbered(num_train=50, num_val=11, num_classes=5, workers=0, **known):
+    """ImageData whose image i is filled with the value i (mean 0, std 1: pixels i/255) and labelled i % C."""
+    images = torch.arange(num_train + num_val, dtype=torch.uint8)[:, None, None, None].expand(-1, 3, 8, 8)
+    labels = torch.arange(num_train + num_val) % num_classes
+    samples = torch.utils.data.TensorDataset(images, labels)
+    known = {"duplicate_fraction": 0.0, "duplicate_pool": 4, "noise_fraction": 0.0, **known}
+    return ImageData("numbered", View(samples, range(num_train), per_sample()), labels[:num_train],
+                     View(samples, range(num_train, num_train + num_val), per_sample()), num_classes=num_classes,
+                     image_size=8, mean=[0.0] * 3, std=[1.0] * 3, num_workers=workers, split_seed=0, **known)
+
+
+def ids(batch):
+    return (batch["images"][:, 0, 0, 0] * 255).round().long()
+
+
+def test_every_training_image_appears_once_per_epoch():
+    data = numbered()
+    steps = [data.train_batch(s, 8, seed=4) for s in range(50 // 8)]
+    seen = torch.cat([ids(b) for b in steps])
+    assert len(seen) == 48 and len(set(seen.tolist())) == 48
+    assert all(torch.equal(b["labels"], ids(b) % 5) for b in steps)  # each image with its own label
+    next_epoch = torch.cat([ids(data.train_batch(s, 8, seed=4)) for s in range(6, 12)])
+    assert not torch.equal(next_epoch, seen) and len(set(next_epoch.tolist())) == 48
+
+
+def test_validation_shards_partition_the_validation_images():
+    data = numbered(workers=1)
+    whole = torch.cat([ids(b) for b in data.val_batches(4)])
+    assert whole.tolist() == list(range(50, 61))
+    shares = [torch.cat([ids(b) for b in data.val_batches(2, rank=r, world=3)]) for r in range(3)]
+    assert sorted(torch.cat(shares).tolist()) == whole.tolist()
+    assert [len(s) for s in shares] == [4, 4, 3]
+
+
+def epoch(data):
+    batches = [data.train_batch(s, 10, seed=1) for s in range(5)]  # 10 divides 50: every image once
+    order_ = torch.cat([order.global_batch(50, 10, 1, s) for s in range(5)])
+    return order_, torch.cat([ids(b) for b in batches]), torch.cat([b["labels"] for b in batches])
+
+
+def test_duplicates_show_the_content_of_a_small_pool():
+    data = numbered(duplicate_fraction=0.2, duplicate_pool=3)
+    indices, shown, labels = epoch(data)
+    copies = shown != indices
+    assert copies.sum() == round(0.2 * 50) and len(set(shown[copies].tolist())) == 3
+    assert torch.equal(labels, shown % 5)  # a copy brings its label along
+    assert torch.equal(torch.cat([ids(b) for b in data.val_batches(4)]), torch.arange(50, 61))
+    assert "10 copies of 3 images" in data.describe()
+
+
+def test_noisy_samples_get_a_wrong_label_fixed_per_sample():
+    data = numbered(noise_fraction=0.3)
+    indices, shown, labels = epoch(data)
+    assert torch.equal(shown, indices)  # the images stay
+    wrong = labels != indices % 5
+    assert wrong.sum() == round(0.3 * 50) and ((labels >= 0) & (labels < 5)).all()
+    _, _, again = epoch(numbered(noise_fraction=0.3))
+    assert torch.equal(again, labels)
+    assert torch.equal(torch.cat([b["labels"] for b in data.val_batches(4)]), torch.arange(50, 61) % 5)
+
+
+def test_known_answer_keys_reach_the_digits_and_never_touch_validation():
+    clean, noisy = tiny_digits(), tiny_digits("data.noise_fraction=0.1", "data.duplicate_fraction=0.1")
+    assert noisy.setting == {"duplicate_fraction": 0.1, "duplicate_pool": 4, "noise_fraction": 0.1}
+    assert (noisy.labels != clean.labels).sum() >= round(0.1 * noisy.num_train)  # noise, and copies' labels
+    for a, b in zip(clean.val_batches(128), noisy.val_batches(128)):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.noise_fraction=1.5", r"data.noise_fraction=1.5 must lie in \[0, 1\)"),
+    ("data.duplicate_fraction=-0.1", r"data.duplicate_fraction=-0.1 must lie in \[0, 1\)"),
+    ("data.duplicate_pool=0", "data.duplicate_pool=0 must be a whole number >= 1"),
+    ("data.noise_fraction=0.6", "data.duplicate_fraction=0.5 and data.noise_fraction=0.6 leave no room"),
+    ("data.num_workers=many", "data.num_workers=many is not allowed; use auto or a whole number >= 0"),
+    ("data.num_workers=-1", "data.num_workers=-1 is not allowed"),
+])
+def test_bad_known_answer_or_worker_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_digits("data.duplicate_fraction=0.5" if "0.6" in override else "data.split_seed=0", override)
+
+
+@pytest.mark.parametrize("cpus,expected", [(1, 1), (2, 2), (16, 4)])
+def test_num_workers_auto_is_the_cpus_this_process_may_use_at_most_4(monkeypatch, tmp_path, cpus, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    write_folder(tmp_path)
+    data = build(make_config(["data=image_folder", f"data.root={tmp_path}", "data.val_fraction=0.25"]).data)
+    assert data.num_workers == expected
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # e.g. macOS: all the machine's CPUs
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert resolve_workers("auto") == expected and resolve_workers(3) == 3
 
 
 @pytest.mark.parametrize("override,message", [("data.image_size=4", "data.image_size=4 is too small"),
@@ -181,7 +346,7 @@ def test_cifar10_loads_a_local_copy_in_the_official_format(tmp_path):
     mean, std = torch.tensor(list(cfg.data.mean)), torch.tensor(list(cfg.data.std))
     pixels = (images * std[:, None, None] + mean[:, None, None]) * 255
     assert torch.allclose(pixels, torch.from_numpy(test["data"]).float().view(6, 3, 32, 32), atol=1e-3)
-    assert next(data.train_batches(8, seed=0))["images"].shape == (8, 3, 32, 32)
+    assert data.train_batch(0, 8, seed=0)["images"].shape == (8, 3, 32, 32)
 
 
 def write_folder(root, classes=("cat", "dog", "fox"), per_class=4):
@@ -195,7 +360,8 @@ def write_folder(root, classes=("cat", "dog", "fox"), per_class=4):
 
 
 FOLDER_ARGS = dict(val_fraction=0.25, split_seed=0, image_size=16, hflip=True, mean=[0.5] * 3, std=[0.25] * 3,
-                   num_workers=0, max_val_samples=None)
+                   num_workers=0, max_val_samples=None, duplicate_fraction=0.0, duplicate_pool=4,
+                   noise_fraction=0.0)
 
 
 def test_image_folder_holds_out_a_stratified_split_or_uses_a_validation_folder(tmp_path):
@@ -204,7 +370,7 @@ def test_image_folder_holds_out_a_stratified_split_or_uses_a_validation_folder(t
     assert data.num_train == 9 and data.model_args == {"num_classes": 3, "image_size": 16}
     (val,) = data.val_batches(8)
     assert val["images"].shape == (3, 3, 16, 16) and sorted(val["labels"].tolist()) == [0, 1, 2]
-    assert next(data.train_batches(4, seed=0))["images"].shape == (4, 3, 16, 16)
+    assert data.train_batch(0, 4, seed=0)["images"].shape == (4, 3, 16, 16)
 
     write_folder(tmp_path / "val", per_class=2)
     data = image_folder(str(tmp_path / "train"), val_root=str(tmp_path / "val"), **FOLDER_ARGS)

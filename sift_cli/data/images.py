@@ -1,14 +1,18 @@
 """Image classification data: scikit-learn's digits (offline), CIFAR-10, any folder of class subfolders.
 
-Each builder returns an ImageData: a training and a validation view of the images, each through its
-own torchvision transforms v2 pipeline (augmentation for training only), served by a DataLoader as
-{"images": float [B, 3, S, S], "labels": long [B]} on the CPU; the trainer moves them to the device.
+Each builder returns an ImageData. Its training batches are a pure function of (seed, step, rank):
+`train_batch` takes the sample indices from sift_cli.data.order and draws each sample's augmentation
+from a seed fixed by (seed, step, row), so a batch is the same in any process, in any order of calls
+and with any number of DataLoader workers. Batches are {"images": float [B, 3, S, S], "labels": long [B]}
+on the CPU; the trainer moves them to the device.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -20,12 +24,14 @@ from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.transforms import v2
 
 from sift_cli.config import ConfigError, first_line
+from sift_cli.data import cache_root, order
 
 CIFAR_FILES = "cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta"
+MAX_AUTO_WORKERS = 4  # enough to keep a GPU fed on small images; more mostly costs memory
 
 
 class View(Dataset):
-    """The samples `indices` of `dataset`, each image through `transform`: a train or validation view."""
+    """The samples `indices` of `dataset`, each image through `transform` to a uint8 [3, S, S] tensor."""
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable):
         self.dataset, self.indices, self.transform = dataset, list(indices), transform
@@ -33,15 +39,66 @@ class View(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
         image, label = self.dataset[self.indices[i]]
-        return self.transform(image), label
+        return self.transform(image), int(label)
+
+    def shard(self, rank: int, world: int) -> "View":
+        return View(self.dataset, self.indices[rank::world], self.transform)
 
 
-def pipeline(*augment, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """PIL image or uint8 tensor -> augmented, normalised float tensor."""
-    return v2.Compose([v2.ToImage(), *augment, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(list(mean), list(std))])
+def per_sample(*transforms) -> v2.Compose:
+    """PIL image or uint8 tensor -> uint8 tensor; normalising waits for the whole batch (one op, not B)."""
+    return v2.Compose([v2.ToImage(), *transforms])
+
+
+def collate(images: Sequence[Tensor], labels: Tensor, mean: Sequence[float], std: Sequence[float]) -> dict:
+    pixels = torch.stack([image.as_subclass(Tensor) for image in images])
+    floats = v2.functional.to_dtype(pixels, torch.float32, scale=True)
+    return {"images": v2.functional.normalize(floats, list(mean), list(std)), "labels": labels}
+
+
+def collate_samples(samples: Sequence[tuple[Tensor, int]], mean: Sequence[float], std: Sequence[float]) -> dict:
+    """A DataLoader's collate_fn: (image, label) pairs -> a normalised batch."""
+    images, labels = zip(*samples)
+    return collate(images, torch.tensor(labels, dtype=torch.long), mean, std)
+
+
+def resolve_workers(num_workers: Union[int, str]) -> int:
+    """data.num_workers: a count, or auto = as many as this process may run on, at most MAX_AUTO_WORKERS."""
+    if num_workers == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(MAX_AUTO_WORKERS, cpus)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"data.num_workers={num_workers} is not allowed; use auto or a whole number >= 0")
+    return num_workers
+
+
+def known_answer(num_train: int, duplicate_fraction: float, duplicate_pool: int, noise_fraction: float,
+                 seed: int) -> order.KnownAnswer:
+    """order.KnownAnswer for the data.* keys, each checked and named."""
+    for key, value in (("data.duplicate_fraction", duplicate_fraction), ("data.noise_fraction", noise_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} must lie in [0, 1) (0 leaves the training set as it is)")
+    if isinstance(duplicate_pool, bool) or not isinstance(duplicate_pool, int) or duplicate_pool < 1:
+        raise ConfigError(f"data.duplicate_pool={duplicate_pool} must be a whole number >= 1 (the images copied)")
+    try:
+        return order.KnownAnswer(num_train, duplicate_fraction, duplicate_pool, noise_fraction, seed=seed)
+    except ValueError:
+        raise ConfigError(f"data.duplicate_fraction={duplicate_fraction} and data.noise_fraction={noise_fraction} "
+                          f"leave no room for data.duplicate_pool={duplicate_pool} among {num_train} training "
+                          "images; lower them") from None
+
+
+def noisy_labels(labels: Tensor, known: order.KnownAnswer, num_classes: int, seed: int) -> Tensor:
+    """`labels` with each noisy sample's label replaced by one of the other classes, fixed per sample."""
+    if not known.is_noisy.any():
+        return labels
+    if num_classes < 2:
+        raise ConfigError(f"data.noise_fraction needs at least 2 classes to draw a wrong label from, not {num_classes}")
+    # a shift of 1..C-1 is uniform over the other classes
+    shift = torch.randint(1, num_classes, labels.shape, generator=order.seeded(seed, "label-noise"))
+    return torch.where(known.is_noisy, (labels + shift) % num_classes, labels)
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, split_seed: int) -> tuple[list, list]:
@@ -70,55 +127,78 @@ def capped(indices: Sequence[int], max_samples: Optional[int], seed: int) -> lis
 
 
 class ImageData:
+    """Training images served by step (`train_batch`), validation images by rank (`val_batches`).
+
+    `labels` are the training labels in the order of `train`. The known-answer settings (duplicates,
+    noisy labels; seeded by split_seed) change the training set only, never the validation set.
+    """
+
     task = "image"
 
-    def __init__(self, name: str, train: Dataset, val: Dataset, num_classes: int, image_size: int,
-                 num_workers: int):
+    def __init__(self, name: str, train: View, labels: Sequence[int], val: View, num_classes: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float], num_workers: Union[int, str], split_seed: int,
+                 duplicate_fraction: float, duplicate_pool: int, noise_fraction: float):
         if len(train) == 0 or len(val) == 0:
             raise ConfigError(f"{name} gives {len(train)} training and {len(val)} validation images; "
                               "both must be non-empty")
-        self.name, self.train, self.val, self.num_workers = name, train, val, num_workers
+        self.name, self.train, self.val = name, train, val
+        self.num_workers = resolve_workers(num_workers)
         self.num_train = len(train)
         self.model_args = {"num_classes": num_classes, "image_size": image_size}
+        self.setting = {"duplicate_fraction": duplicate_fraction, "duplicate_pool": duplicate_pool,
+                        "noise_fraction": noise_fraction}
+        self.known = known_answer(self.num_train, duplicate_fraction, duplicate_pool, noise_fraction, split_seed)
+        # sample i shows the image and label of known.source[i], noisy ones with a wrong label
+        labels = torch.as_tensor(labels, dtype=torch.long)[self.known.source]
+        self.labels = noisy_labels(labels, self.known, num_classes, split_seed)
+        self.mean, self.std = list(mean), list(std)
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), **kwargs)
+    def train_batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> dict[str, Tensor]:
+        """Rank `rank`'s rows of global batch `step`: the same tensors whoever asks, whenever."""
+        rows = order.shard(batch_size, rank, world)
+        indices = order.global_batch(self.num_train, batch_size, seed, step)[rows]
+        images = []
+        # v2 transforms draw from torch's global CPU generator: seed it per sample, and give the
+        # caller's state (dropout's) back untouched; torch.manual_seed would reseed CUDA as well
+        with torch.random.fork_rng(devices=[]):
+            for row, source in zip(range(rows.start, rows.stop), self.known.source[indices].tolist()):
+                torch.default_generator.manual_seed(order.seed_of(seed, "augment", step, row))
+                images.append(self.train[source][0])
+        return collate(images, self.labels[indices], self.mean, self.std)
 
-    def train_batches(self, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
-        """Endless shuffled epochs of full batches; the seed fixes the order (and the workers' augmentation)."""
-        loader = self._loader(self.train, batch_size, shuffle=True, drop_last=True,
-                              generator=torch.Generator().manual_seed(seed),
-                              persistent_workers=self.num_workers > 0)
-        while True:
-            for images, labels in loader:
-                yield {"images": images, "labels": labels}
-
-    def val_batches(self, batch_size: int) -> list[dict[str, Tensor]]:
-        return [{"images": images, "labels": labels} for images, labels in self._loader(self.val, batch_size)]
+    def val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> list[dict[str, Tensor]]:
+        """Rank `rank`'s share of the validation images (every world-th one), fixed, in batches."""
+        loader = DataLoader(self.val.shard(rank, world), batch_size, num_workers=self.num_workers,
+                            collate_fn=functools.partial(collate_samples, mean=self.mean, std=self.std))
+        return list(loader)
 
     def describe(self) -> str:
-        size = self.model_args["image_size"]
-        return (f"{self.name}: {len(self.train):,} training and {len(self.val):,} validation images of "
-                f"{size}x{size} px, {self.model_args['num_classes']} classes")
+        size, dup, noisy = self.model_args["image_size"], len(self.known.duplicated), len(self.known.noisy)
+        pool = self.setting["duplicate_pool"]
+        changed = "; ".join(text for count, text in [(dup, f"{dup:,} copies of {pool} images"),
+                                                     (noisy, f"{noisy:,} wrong labels")] if count)
+        return (f"{self.name}: {self.num_train:,} training{f' ({changed})' if changed else ''} and {len(self.val):,} "
+                f"validation images of {size}x{size} px, {self.model_args['num_classes']} classes")
 
 
 def digits(image_size: int, val_fraction: float, split_seed: int, mean: Sequence[float], std: Sequence[float],
-           num_workers: int, max_val_samples: Optional[int]) -> ImageData:
+           num_workers: Union[int, str], max_val_samples: Optional[int], duplicate_fraction: float,
+           duplicate_pool: int, noise_fraction: float) -> ImageData:
     """scikit-learn's 1,797 handwritten 8x8 digits (shipped with the package), upscaled, grey in 3 channels."""
     check_image_size(image_size)
     raw = load_digits()
     pixels = torch.from_numpy(raw.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)  # 0..16 -> 0..255
     # upscaled once here, not per sample; 3 channels because that is what a ResNet stem takes
     images = v2.functional.resize(pixels, [image_size, image_size], antialias=True).expand(-1, 3, -1, -1)
-    labels = torch.from_numpy(raw.target)
-    samples = TensorDataset(images, labels)
+    samples = TensorDataset(images, torch.from_numpy(raw.target))
     train, val = stratified_split(raw.target, val_fraction, split_seed)
     # random crops only: a flipped digit is another glyph (or no digit at all)
     augment = v2.RandomCrop(image_size, padding=image_size // 8)
-    return ImageData("digits", View(samples, train, pipeline(augment, mean=mean, std=std)),
-                     View(samples, capped(val, max_val_samples, split_seed), pipeline(mean=mean, std=std)),
-                     num_classes=10, image_size=image_size, num_workers=num_workers)
+    return ImageData("digits", View(samples, train, per_sample(augment)), raw.target[train],
+                     View(samples, capped(val, max_val_samples, split_seed), per_sample()),
+                     num_classes=10, image_size=image_size, mean=mean, std=std, num_workers=num_workers,
+                     split_seed=split_seed, duplicate_fraction=duplicate_fraction, duplicate_pool=duplicate_pool,
+                     noise_fraction=noise_fraction)
 
 
 class UnverifiedCIFAR10(CIFAR10):
@@ -133,9 +213,11 @@ class UnverifiedCIFAR10(CIFAR10):
     meta = {**CIFAR10.meta, "md5": None}
 
 
-def cifar10(root: str, download: bool, verify: bool, mean: Sequence[float], std: Sequence[float],
-            num_workers: int, max_val_samples: Optional[int], split_seed: int) -> ImageData:
-    """CIFAR-10: the 50,000 training images, validated on the 10,000 test images."""
+def cifar10(root: Optional[str], download: bool, verify: bool, mean: Sequence[float], std: Sequence[float],
+            num_workers: Union[int, str], max_val_samples: Optional[int], split_seed: int,
+            duplicate_fraction: float, duplicate_pool: int, noise_fraction: float) -> ImageData:
+    """CIFAR-10: the 50,000 training images, validated on the 10,000 test images; root null: the cache."""
+    root = str(Path(root).expanduser()) if root else str(cache_root() / "cifar10")
     dataset = CIFAR10 if verify else UnverifiedCIFAR10
     try:
         train_set = dataset(root, train=True, download=download)
@@ -147,9 +229,11 @@ def cifar10(root: str, download: bool, verify: bool, mean: Sequence[float], std:
                           f"{why}") from None
     augment = (v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip())
     val = capped(range(len(test_set)), max_val_samples, split_seed)
-    return ImageData("cifar10", View(train_set, range(len(train_set)), pipeline(*augment, mean=mean, std=std)),
-                     View(test_set, val, pipeline(mean=mean, std=std)),
-                     num_classes=len(train_set.classes), image_size=32, num_workers=num_workers)
+    return ImageData("cifar10", View(train_set, range(len(train_set)), per_sample(*augment)), train_set.targets,
+                     View(test_set, val, per_sample()), num_classes=len(train_set.classes), image_size=32,
+                     mean=mean, std=std, num_workers=num_workers, split_seed=split_seed,
+                     duplicate_fraction=duplicate_fraction, duplicate_pool=duplicate_pool,
+                     noise_fraction=noise_fraction)
 
 
 def _folder(key: str, root: str) -> ImageFolder:
@@ -164,8 +248,9 @@ def _folder(key: str, root: str) -> ImageFolder:
 
 
 def image_folder(root: str, val_root: Optional[str], val_fraction: float, split_seed: int, image_size: int,
-                 hflip: bool, mean: Sequence[float], std: Sequence[float], num_workers: int,
-                 max_val_samples: Optional[int]) -> ImageData:
+                 hflip: bool, mean: Sequence[float], std: Sequence[float], num_workers: Union[int, str],
+                 max_val_samples: Optional[int], duplicate_fraction: float, duplicate_pool: int,
+                 noise_fraction: float) -> ImageData:
     """Any folder of class subfolders; validated on val_root (same classes) or a stratified split of root."""
     check_image_size(image_size)
     train_set = _folder("data.root", root)
@@ -180,7 +265,10 @@ def image_folder(root: str, val_root: Optional[str], val_fraction: float, split_
         val_set = train_set
         train, val = stratified_split(train_set.targets, val_fraction, split_seed)
     augment = [v2.RandomResizedCrop(image_size)] + ([v2.RandomHorizontalFlip()] if hflip else [])
-    evaluation = pipeline(v2.Resize(image_size), v2.CenterCrop(image_size), mean=mean, std=std)
-    return ImageData(f"image_folder {root}", View(train_set, train, pipeline(*augment, mean=mean, std=std)),
+    evaluation = per_sample(v2.Resize(image_size), v2.CenterCrop(image_size))
+    return ImageData(f"image_folder {root}", View(train_set, train, per_sample(*augment)),
+                     [train_set.targets[i] for i in train],
                      View(val_set, capped(val, max_val_samples, split_seed), evaluation),
-                     num_classes=len(train_set.classes), image_size=image_size, num_workers=num_workers)
+                     num_classes=len(train_set.classes), image_size=image_size, mean=mean, std=std,
+                     num_workers=num_workers, split_seed=split_seed, duplicate_fraction=duplicate_fraction,
+                     duplicate_pool=duplicate_pool, noise_fraction=noise_fraction)

@@ -1,12 +1,16 @@
 """BERT for masked-language modelling, behind the model contract.
 
-The exit head is the model's own MLM head applied to encoder layer k: no new parameters. Both the
-cheap pass and the training forward apply that head only at masked positions, since over every
-position a large vocabulary head costs more than several encoder layers.
+A batch holds `input_ids` [B, L] and, for every row, the same number P of masked positions
+(`mask_positions` [B, P]) with their original tokens (`mask_labels` [B, P]): the original BERT
+recipe's fixed count per sequence, so every shape on the hot path is static. The exit head is the
+model's own MLM head applied to encoder layer k: no new parameters. Both the cheap pass and the
+training forward apply that head only at the masked positions, since over every position a large
+vocabulary head costs more than several encoder layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -15,9 +19,7 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertForMaskedLM
 
 from sift_cli.config import ConfigError, first_line
-from sift_cli.selection import per_sample_mean, prediction_scores
-
-IGNORE = -100  # label of a position that is not predicted (transformers' convention)
+from sift_cli.selection import prediction_scores
 
 
 def load_pretrained(name_or_path: str) -> BertForMaskedLM:
@@ -61,6 +63,7 @@ class BertMLM(nn.Module):
             config._attn_implementation = "sdpa"
             self.mlm = BertForMaskedLM(config)
         self.depth = self.mlm.config.num_hidden_layers
+        self.max_length = self.mlm.config.max_position_embeddings
 
     def _encode(self, input_ids: Tensor, k: int) -> Tensor:
         """Hidden states after encoder layer k. Sequences are packed, so there is no padding mask."""
@@ -70,26 +73,43 @@ class BertMLM(nn.Module):
             h = h[0] if isinstance(h, tuple) else h  # transformers 4 returns a tuple, 5 a tensor
         return h
 
-    def _masked_logits(self, batch: dict, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """MLM-head logits at the masked positions only, their targets, and each one's sample index."""
-        labels = batch["labels"]
-        rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
+    def _masked(self, batch: dict, k: int) -> tuple[Tensor, Tensor]:
+        """Hidden states after layer k at the masked positions [B, P, H], and the full hidden states."""
         h = self._encode(batch["input_ids"], k)
-        return self.mlm.cls(h[rows, cols]), labels[rows, cols], rows
+        index = batch["mask_positions"].unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        return h.gather(1, index), h
 
-    def exit_scores(self, batch: dict, k: int, criterion: str) -> Tensor:
-        logits, targets, rows = self._masked_logits(batch, k)
-        return per_sample_mean(prediction_scores(logits, targets, criterion), rows, len(batch["labels"]))
+    @contextlib.contextmanager
+    def scoring_mode(self, score_bn: Optional[str] = None):
+        """The cheap pass's mode: dropout off (BERT has no batch norm, so score_bn has no say here)."""
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train()
+
+    def exit_scores(self, batch: dict, k: int, criterion: str, features: bool = False):
+        """Mean score over each row's masked tokens; with features, also the mean-pooled hidden state."""
+        masked, h = self._masked(batch, k)
+        logits = self.mlm.cls(masked)
+        scores = prediction_scores(logits.flatten(0, 1), batch["mask_labels"].flatten(), criterion)
+        scores = scores.view(batch["mask_labels"].shape).mean(1)
+        return (scores, h.float().mean(1)) if features else scores
 
     def loss(self, batch: dict) -> Tensor:
-        logits, targets, _ = self._masked_logits(batch, self.depth)
-        return F.cross_entropy(logits.float(), targets)
+        logits = self.mlm.cls(self._masked(batch, self.depth)[0])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["mask_labels"].flatten())
+
+    def forward(self, batch: dict) -> Tensor:
+        """The training loss: DistributedDataParallel and torch.compile wrap the module's call."""
+        return self.loss(batch)
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, Tensor]:
-        logits, targets, _ = self._masked_logits(batch, self.depth)
+        logits = self.mlm.cls(self._masked(batch, self.depth)[0]).flatten(0, 1).float()
+        targets = batch["mask_labels"].flatten()
         return {
-            "loss_sum": F.cross_entropy(logits.float(), targets, reduction="sum"),
+            "loss_sum": F.cross_entropy(logits, targets, reduction="sum"),
             "correct": (logits.argmax(-1) == targets).sum(),
-            "count": torch.tensor(len(targets), device=targets.device),
+            "count": torch.tensor(targets.numel(), device=targets.device),
         }

@@ -7,6 +7,9 @@ almost no cost: they read each stage's features detached, so they never change t
 
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -17,6 +20,7 @@ from sift_cli.selection import prediction_scores
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VARIANTS = ("auto", "cifar", "imagenet")
+SCORE_BN = ("batch", "running")
 SMALL_IMAGE = 64  # variant=auto keeps full resolution in the stem up to this size (CIFAR, digits)
 
 
@@ -28,8 +32,12 @@ class ResNetClassifier(nn.Module):
     task = "image"
     depth = 4  # residual stages
 
-    def __init__(self, arch: str, num_classes: int, image_size: int, variant: str = "auto"):
+    def __init__(self, arch: str, num_classes: int, image_size: int, variant: str = "auto",
+                 score_bn: str = "batch"):
         super().__init__()
+        if score_bn not in SCORE_BN:
+            raise ConfigError(f"model.score_bn={score_bn} is not allowed; choose one of: {', '.join(SCORE_BN)}")
+        self.score_bn = score_bn
         if arch not in ARCHS:
             raise ConfigError(f"model.arch={arch} is not a known ResNet; choose one of: {', '.join(ARCHS)}")
         if variant not in VARIANTS:
@@ -62,9 +70,30 @@ class ResNetClassifier(nn.Module):
             return self.net.fc(torch.flatten(self.net.avgpool(features), 1))
         return self.exits[k - 1](features)
 
-    def exit_scores(self, batch: dict, k: int, criterion: str) -> Tensor:
-        logits = self._logits(self._features(batch["images"], k)[-1], k)
-        return prediction_scores(logits, batch["labels"], criterion)
+    @contextlib.contextmanager
+    def scoring_mode(self, score_bn: Optional[str] = None):
+        """The cheap pass's mode: no dropout, and batch norm with the statistics score_bn (default: the
+        model's) names: `batch`, those the update normalises with, or `running`, the lagging averages
+        evaluation uses. In training mode without tracking, batch norm normalises by the batch and
+        neither reads nor writes the running buffers, so scoring leaves them as they were."""
+        self.eval()
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        batch_stats = (score_bn or self.score_bn) == "batch"
+        for m in norms if batch_stats else []:
+            m.train()
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+            self.train()
+
+    def exit_scores(self, batch: dict, k: int, criterion: str, features: bool = False):
+        """Per-image scores from stage k; with features, also the stage's globally pooled features."""
+        stage = self._features(batch["images"], k)[-1]
+        scores = prediction_scores(self._logits(stage, k), batch["labels"], criterion)
+        return (scores, stage.float().mean((2, 3))) if features else scores
 
     def loss(self, batch: dict) -> Tensor:
         """The network's cross-entropy, with the exit heads' losses riding along for their gradients only.
@@ -80,6 +109,10 @@ class ResNetClassifier(nn.Module):
         heads = sum(F.cross_entropy(self._logits(f.detach(), k).float(), labels)
                     for k, f in enumerate(features[:-1], 1))
         return main + (heads - heads.detach())
+
+    def forward(self, batch: dict) -> Tensor:
+        """The training loss: DistributedDataParallel and torch.compile wrap the module's call."""
+        return self.loss(batch)
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, Tensor]:

@@ -1,0 +1,219 @@
+"""The training state on disk: saved atomically, the newest valid one found, the run folder's identity.
+
+A checkpoint is a folder `checkpoints/step-<N>/` holding `model.pt`, `optimizer.pt` and `state.json`,
+then `manifest.json` (each file's size and SHA-256), written last. It is assembled in a temporary
+folder beside the target, every file fsynced, and renamed into place, then `checkpoints/latest`
+names it. A folder without a manifest, or whose files do not match it, is not a checkpoint: loading
+warns and falls back to the previous one. What the run folder holds besides (`run.json`: the resolved
+config and the W&B run id) decides whether a rerun of a command resumes, extends, skips or is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sift_cli.config import RESUMABLE, RESUMABLE_PREFIXES, ConfigError, first_line
+from sift_cli.faults import kill_point
+from sift_cli.records import write_atomic
+
+log = logging.getLogger(__name__)
+FOLDER, LATEST, MANIFEST, RUN, CLOCK = "checkpoints", "latest", "manifest.json", "run.json", "clock.json"
+RECORD_FILES = ("metrics.jsonl", "summary.json", RUN)  # what makes a folder hold a run
+BUDGETS = ("trainer.max_steps", "trainer.max_time_s")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep: int):
+        self.folder, self.keep = Path(run_dir) / FOLDER, keep
+        self._last_clock_write = 0.0
+
+    def clean(self) -> None:
+        """Remove what a kill mid-write left behind: temporary folders, and a replaced checkpoint whose
+        replacement is in place (one whose replacement never arrived is put back)."""
+        for old in self.folder.glob(".old-step-*"):
+            target = self.folder / old.name[len(".old-"):].rsplit("-", 1)[0]
+            if not target.exists():
+                os.replace(old, target)
+        for leftover in self.folder.glob(".*-step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def save(self, step: int, tensors: dict[str, Any], state: dict) -> Optional[Path]:
+        """Write a checkpoint; a failure (disk full, permissions) warns and leaves the previous ones intact."""
+        target = self.folder / f"step-{step:09d}"
+        tmp = self.folder / f".tmp-step-{step:09d}-{os.getpid()}"
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            files = {}
+            for name, obj in tensors.items():
+                torch.save(obj, tmp / f"{name}.pt")
+                files[f"{name}.pt"] = tmp / f"{name}.pt"
+            (tmp / "state.json").write_text(json.dumps(state))
+            files["state.json"] = tmp / "state.json"
+            for path in files.values():
+                _fsync(path)
+            kill_point("checkpoint-files", step)
+            manifest = {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in files.items()}
+            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            kill_point("checkpoint-rename", step)
+            if target.exists():  # a second checkpoint at the same step (the final one): replace it
+                trash = self.folder / f".old-step-{step:09d}-{os.getpid()}"
+                os.replace(target, trash)
+                os.replace(tmp, target)
+                shutil.rmtree(trash)
+            else:
+                os.replace(tmp, target)
+            _fsync(self.folder)
+            write_atomic(self.folder / LATEST, target.name + "\n")
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            warnings.warn(f"checkpoint at step {step} not written ({err}); training goes on, "
+                          f"the previous checkpoint stays")
+            return None
+        for old in sorted(self.folder.glob("step-*"))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint folders, newest first. By step, not by `latest`: a kill between a rename and the
+        pointer's update leaves a newer complete checkpoint that the pointer does not name yet."""
+        return sorted(self.folder.glob("step-*"), reverse=True)
+
+    def load_newest(self) -> Optional[tuple[Path, dict, dict]]:
+        """(folder, tensors, state) of the newest valid checkpoint; invalid ones warn and are passed over."""
+        for folder in self.candidates():
+            loaded = load(folder)
+            if loaded is not None:
+                return (folder, *loaded)
+        return None
+
+    def write_clock(self, step: int, train_time_s: float, every_s: float = 1.0) -> None:
+        """Where the clock stood, about every second: what a kill throws away is known to within one."""
+        now = time.monotonic()
+        if now - self._last_clock_write < every_s:
+            return
+        self._last_clock_write = now
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            (self.folder / CLOCK).write_text(json.dumps({"step": step, "train_time_s": train_time_s}))
+        except OSError:
+            pass  # the lost time is then reported as 0: a number, not a failed run
+
+    def clock(self) -> Optional[dict]:
+        try:
+            return json.loads((self.folder / CLOCK).read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def load(folder: Path) -> Optional[tuple[dict, dict]]:
+    """A checkpoint's (tensors, state) if its manifest matches its files; None with a warning otherwise."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for name, expected in manifest.items():
+            path = folder / name
+            if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+                raise ValueError(f"{name} does not match the manifest")
+        tensors = {p.stem: torch.load(p, map_location="cpu", weights_only=True)
+                   for p in sorted(folder.glob("*.pt"))}
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        warnings.warn(f"checkpoint {folder} is not valid ({first_line(err)}); trying the one before it")
+        return None
+    return tensors, state
+
+
+# --- the run folder: resume, extend, skip or refuse -------------------------------------------
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ in a way that changes training (budgets and sinks may differ)."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k) != b.get(k) and k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES))
+
+
+def _budget(value) -> float:
+    return float("inf") if value is None else float(value)
+
+
+def extends(old: dict, new: dict) -> bool:
+    """Whether the new config raises a budget of the old, so a finished run trains on."""
+    a, b = _flat(old), _flat(new)
+    return any(_budget(b.get(k)) > _budget(a.get(k)) for k in BUDGETS)
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((Path(run_dir) / f).exists() for f in RECORD_FILES)
+
+
+def read_run(run_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(run_dir) / RUN).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_folder(run_dir: Path, config: dict, resume: str) -> str:
+    """What to do with this run folder: `new`, `resume`, `done` (completed, nothing to add). Or refuse."""
+    run_dir = Path(run_dir)
+    if resume not in ("auto", "never"):
+        return "resume"  # a checkpoint path: its folder is checked when it is loaded
+    if not holds_run(run_dir):
+        return "new"
+    if resume == "never":
+        raise ConfigError(f"the run folder {run_dir} already holds a run and trainer.resume=never; choose a new "
+                          f"folder (hydra.run.dir=..., or hydra.sweep.dir=... under --multirun), or "
+                          f"trainer.resume=auto to continue that run")
+    previous = read_run(run_dir)
+    if not isinstance(previous, dict) or not isinstance(previous.get("config"), dict):
+        raise ConfigError(f"the run folder {run_dir} holds records of a run that cannot be resumed (no {RUN}); "
+                          f"choose a new folder with hydra.run.dir=... (or hydra.sweep.dir=...)")
+    differ = changed_keys(previous["config"], config)
+    if differ:
+        shown = ", ".join(f"{k} ({_flat(previous['config']).get(k)} -> {_flat(config).get(k)})" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise ConfigError(f"the run folder {run_dir} holds a run with another config: {shown}{more}; rerun with "
+                          f"its values to resume it, or choose a new folder (hydra.run.dir=... / hydra.sweep.dir=...)")
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    if status == "completed" and not extends(previous["config"], config):
+        return "done"
+    return "resume"

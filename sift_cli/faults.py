@@ -1,0 +1,25 @@
+"""Kill points for the tests of resume: the process kills itself (SIGKILL) where a test asks it to.
+
+`SIFT_TEST_KILL=<point>:<step>` makes `kill_point(<point>, <step>)` end the process at once, as a
+crash, an OOM kill or a lost node would, so tests reach every fragile moment without sleeping.
+Points: `step` (after a training step), `checkpoint-files` (the checkpoint's files written, before
+its manifest), `checkpoint-rename` (complete, before the rename), `metrics-line` (half a metrics row
+written).
+
+`SIFT_TEST_SIGNAL=<SIGNAME>:<step>` sends the signal after that training step to the whole process
+group, as SLURM's preemption signal or a terminal's Ctrl-C reaches the run and its data workers.
+Start such a run in a session of its own (`start_new_session=True`): the group is then the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def kill_point(point: str, step: int) -> None:
+    if os.environ.get("SIFT_TEST_KILL") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    name, _, at = os.environ.get("SIFT_TEST_SIGNAL", "").partition(":")
+    if point == "step" and at == str(step):
+        os.killpg(os.getpgrp(), signal.Signals[name])

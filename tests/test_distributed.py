@@ -1,0 +1,220 @@
+"""One run over several processes (CPU, gloo): torchrun, submitit's launcher, SLURM's variables.
+
+The equality tests set model.dropout=0: dropout masks differ per rank by design. Everything else (data
+order, masking, selection) is a function of (seed, step, rank), so 2 processes with the same global
+batch reproduce 1 process up to floating-point summation order.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, make_config, tiny_overrides
+from sift_cli import distributed
+from sift_cli.config import ConfigError
+from sift_cli.records import read_metrics
+from sift_cli.train import run
+
+NO_DROPOUT = "model.dropout=0"
+GLOBAL = "trainer.selection_scope=global"
+CURVE_KEYS = ("val_loss", "val_acc", "train_loss", "samples_seen", "samples_backpropagated", "score_kept",
+              "score_dropped")
+
+
+def torchrun(*args: str, script=None, launcher=(), timeout: int = 240) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m sift_cli.train ARGS` (or a script), as a user types it."""
+    target = [str(script)] if script else ["-m", "sift_cli.train"]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *launcher, *target, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def assert_same_curves(rows: list[dict], reference: list[dict]) -> None:
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for row, ref in zip(rows, reference):
+        for key in CURVE_KEYS:
+            if ref.get(key) is None:
+                assert row.get(key) is None, (row["step"], key)
+            else:  # the sums of two shards and of one batch differ in the last bits
+                assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (row["step"], key)
+
+
+@pytest.fixture(scope="module")
+def single(corpus_file, tmp_path_factory) -> dict:
+    """The one-process curves the multi-process runs must reproduce (run here, in this process)."""
+    root = tmp_path_factory.mktemp("single")
+    arms = {"vanilla": ["frac=1.0"], "sift": ["frac=0.5", GLOBAL]}
+    for name, extra in arms.items():
+        run(make_config(tiny_overrides(corpus_file, NO_DROPOUT, *extra)), root / name)
+    return {name: read_metrics(root / name) for name in arms}
+
+
+def test_vanilla_on_two_processes_matches_one_and_rank_0_alone_writes_the_record(corpus_file, tmp_path, single):
+    out = torchrun(*tiny_overrides(corpus_file, NO_DROPOUT, "frac=1.0"), f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 3, 6]  # every evaluation once
+    assert_same_curves(rows, single["vanilla"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["samples_seen"] == 48
+    assert summary["final_val_acc"] == rows[-1]["val_acc"]
+    # one folder, one record, one set of checkpoints; rank 1 leaves its log and nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".hydra", "checkpoints", "metrics.jsonl", "rank1.log", "run.json", "sift-train.log", "summary.json"]
+    assert out.stdout.count("val_acc") == 1  # one summary line
+
+
+def test_sift_with_global_selection_on_two_processes_matches_one(corpus_file, tmp_path, single):
+    out = torchrun(*tiny_overrides(corpus_file, NO_DROPOUT, "frac=0.5", GLOBAL), f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_metrics(tmp_path)
+    assert rows[1]["score_kept"] > rows[1]["score_dropped"]  # scores were gathered from both ranks
+    assert_same_curves(rows, single["sift"])
+
+
+COUNTING = """
+import atexit, json, os
+from sift_cli.models.bert import BertMLM
+from sift_cli.train import main
+
+rows = {"loss": [], "exit_scores": []}
+for name in rows:
+    def counted(self, batch, *args, _call=getattr(BertMLM, name), _name=name, **kwargs):
+        rows[_name].append(len(batch["input_ids"]))
+        return _call(self, batch, *args, **kwargs)
+    setattr(BertMLM, name, counted)
+atexit.register(lambda: open(os.environ["ROWS_LOG"] + os.environ["RANK"], "w").write(json.dumps(rows)))
+main()
+"""
+
+
+def test_local_selection_backpropagates_ceil_frac_of_each_share_on_every_rank(corpus_file, tmp_path, monkeypatch):
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    monkeypatch.setenv("ROWS_LOG", str(tmp_path / "rows"))
+    out = torchrun(*tiny_overrides(corpus_file, "frac=0.3"), f"hydra.run.dir={tmp_path / 'run'}", script=script)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        rows = json.loads((tmp_path / f"rows{rank}").read_text())
+        # 6 steps and the FLOP count before the clock: each rank scores its 4 rows and back-propagates
+        # ceil(0.3 * 8 / 2) = 2 of them (one process would keep ceil(0.3 * 8) = 3 of 8)
+        assert rows == {"loss": [2] * 7, "exit_scores": [4] * 7}, rank
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["samples_backpropagated_per_step"] == 4 and summary["samples_backpropagated"] == 24
+    assert summary["samples_scored_per_step"] == 8 and summary["world_size"] == 2
+
+
+def test_a_run_checkpointed_by_one_process_resumes_on_two(corpus_file, tmp_path, single):
+    overrides = tiny_overrides(corpus_file, NO_DROPOUT, "frac=0.5", GLOBAL)
+    first = [o for o in overrides if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=3"]
+    run(make_config(first), tmp_path)
+    out = torchrun(*overrides, f"hydra.run.dir={tmp_path}")  # the same global batch, raised budget
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming sift-loss-k1-f0.5-s0 from step 3" in out.stdout + out.stderr
+    # rank 1 took the weights and optimizer state from rank 0's checkpoint: the curve goes on as if unbroken
+    assert_same_curves(read_metrics(tmp_path), single["sift"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["world_size"] == 2 and summary["steps"] == 6
+
+
+@pytest.mark.parametrize("args,message", [
+    (["frac=1.5"], "frac=1.5 is outside (0, 1]"),  # found before any process group work
+    (["trainer.batch_size=7"], "trainer.batch_size=7 must be divisible by the 2 processes"),  # by every rank
+    (["trainer.resume=NOWHERE"], "trainer.resume=NOWHERE is not a valid checkpoint folder"),  # by rank 0 alone
+])
+def test_bad_input_under_torchrun_ends_every_rank_with_the_one_line(args, message, corpus_file, tmp_path):
+    nowhere, logs = str(tmp_path / "nowhere"), tmp_path / "logs"
+    args, message = [a.replace("NOWHERE", nowhere) for a in args], message.replace("NOWHERE", nowhere)
+    # --redirects: each rank's own output in its own file. A monitor interval longer than the default
+    # 0.1 s lets the slower rank finish its check before torchrun stops it for the faster one's exit.
+    out = torchrun(*tiny_overrides(corpus_file, *args), f"hydra.run.dir={tmp_path / 'run'}",
+                   launcher=["--redirects", "3", "--log-dir", str(logs), "--monitor-interval", "2"], timeout=120)
+    assert out.returncode != 0
+    errors = sorted(logs.rglob("stderr.log"))
+    assert len(errors) == 2
+    for err in errors:
+        lines = err.read_text().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sift-train: error: ") and message in lines[0], lines
+    assert f'File "{REPO / "sift_cli"}' not in out.stderr  # torchrun's report of the exit, never our traceback
+
+
+def test_submitit_local_sweep_runs_each_job_as_one_run_over_its_tasks(corpus_file, tmp_path):
+    """The cluster path on one machine: each job's 2 tasks join one process group through submitit's job
+    environment, as SLURM tasks do."""
+    out = subprocess.run([sys.executable, "-m", "sift_cli.train", "--multirun", "hydra/launcher=submitit_local",
+                          "hydra.launcher.tasks_per_node=2", *tiny_overrides(corpus_file, "frac=0.5,1.0"),
+                          f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [json.loads((tmp_path / job / "summary.json").read_text()) for job in ("0", "1")]
+    assert [(s["method"], s["world_size"], s["steps"]) for s in summaries] == [("sift-loss", 2, 6), ("vanilla", 2, 6)]
+    for job in ("0", "1"):
+        assert [r["step"] for r in read_metrics(tmp_path / job)] == [0, 3, 6]
+
+
+def test_slurm_launcher_config_renders_a_requeueing_multi_gpu_batch_script(tmp_path, monkeypatch):
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from submitit.slurm.slurm import SlurmExecutor
+
+    from sift_cli.train import CONF
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun on this machine
+    scripts = []
+
+    def submit(self, fn, *args):  # what sbatch would be given, instead of calling it
+        scripts.append(self._executor._make_submission_file_text("python -m submitit.core._submit", "x"))
+        scripts.append(self._executor.max_num_timeout)
+        return []
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}", "hydra.launcher.partition=gpu"])
+    GlobalHydra.instance().clear()
+    launcher = instantiate(cfg.hydra.launcher)  # every key is one submitit accepts, or this raises
+    launcher.config = cfg
+    launcher.launch([["frac=0.5"]], 0)
+    script, requeues = scripts
+    for line in ("#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --time=240",
+                 "export SLURM_KILL_BAD_EXIT=1", "export OMP_NUM_THREADS=8"):
+        assert line in script.splitlines(), line
+    assert "\nsrun " in script and requeues == 20
+
+
+def test_slurm_tasks_become_torchrun_ranks(monkeypatch):
+    """`srun` in a batch script of the user's own (no submitit executor): SLURM's variables, node list included."""
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+             "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[011-012]"}
+    monkeypatch.setattr(os, "environ", dict(slurm))
+    distributed._from_slurm()
+    env = os.environ
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("3", "4", "1", "2")
+    assert env["MASTER_ADDR"] == "gpu011" and 20000 <= int(env["MASTER_PORT"]) <= 60000
+    port = env["MASTER_PORT"]
+
+    monkeypatch.setattr(os, "environ", {**slurm, "SLURM_PROCID": "0", "MASTER_ADDR": "head"})
+    distributed._from_slurm()
+    assert os.environ["MASTER_PORT"] == port  # every task of the job picks the same port
+    assert os.environ["MASTER_ADDR"] == "head" and os.environ["RANK"] == "0"  # the user's own address wins
+
+    torchrun_env = {**slurm, "RANK": "5", "WORLD_SIZE": "8"}  # torchrun inside an allocation: its ranks win
+    monkeypatch.setattr(os, "environ", dict(torchrun_env))
+    distributed._from_slurm()
+    assert os.environ == torchrun_env
+
+    monkeypatch.setattr(os, "environ", {**slurm, "SLURM_NTASKS": "1"})  # one task: one process, no group
+    distributed._from_slurm()
+    assert "RANK" not in os.environ
+
+    monkeypatch.setattr(os, "environ", dict(slurm))
+    monkeypatch.setitem(sys.modules, "submitit.slurm.slurm", None)  # the slurm extra not installed
+    with pytest.raises(ConfigError, match=r"one of 4 SLURM tasks, .* pip install 'sift-train\[slurm\]'"):
+        distributed._from_slurm()

@@ -1,0 +1,158 @@
+"""The step and what surrounds it: the schedule's unit, an honest clock, compilation, throughput, small UX."""
+
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_config, sift_train, tiny_overrides
+from sift_cli import hardware
+from sift_cli.config import ConfigError
+from sift_cli.records import read_metrics
+from sift_cli.train import run
+from sift_cli.trainer import Clock, Gate, batch_stream, lr_factor
+
+
+@pytest.mark.parametrize("progress,shape,expected", [
+    (0, "constant_with_warmup", 0.0), (5, "constant_with_warmup", 0.5), (50, "constant_with_warmup", 1.0),
+    (10, "linear", 1.0), (55, "linear", 0.5), (100, "linear", 0.0), (55, "cosine", 0.5), (200, "linear", 0.0),
+    (0, "constant", 1.0),
+])
+def test_the_schedule_is_a_function_of_progress_alone(progress, shape, expected):
+    warmup = 0 if shape == "constant" else 10
+    assert lr_factor(progress, warmup, 100, shape) == pytest.approx(expected)
+
+
+def test_a_time_schedule_gives_every_arm_the_same_rate_at_the_same_training_second(corpus_file, tmp_path):
+    """Warm-up and decay in training seconds: a cheaper-step arm does not decay sooner in time."""
+    common = ["trainer.max_steps=null", "trainer.max_time_s=3", "trainer.eval_every_steps=null",
+              "trainer.eval_every_s=0.5", "trainer.schedule_unit=time", "trainer.scheduler=linear",
+              "trainer.warmup=0.5"]
+    for arm in ("frac=0.25", "frac=1.0"):
+        cfg = make_config(tiny_overrides(corpus_file, arm, *common))
+        run(cfg, tmp_path / arm)
+        rows = read_metrics(tmp_path / arm)
+        assert len(rows) >= 3  # step 0 and at least two windows
+        for before, row in zip(rows, rows[1:]):
+            # the rate of the window's last step: the schedule's value at a second between the two evaluations
+            grid = [before["train_time_s"] + i / 100 * (row["train_time_s"] - before["train_time_s"])
+                    for i in range(101)]
+            values = [lr_factor(t, 0.5, 3, "linear") for t in grid]
+            low, high = min(values), max(values)
+            assert low - 1e-6 <= row["lr"] / 1e-3 <= high + 1e-6, (arm, row)
+
+
+class SlowData:
+    """Batches that take 0.1 s each to make, each noting when it was made: a data-bound pipeline."""
+
+    num_workers = 2
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def train_batch(self, step, batch_size, seed, rank=0, world=1):
+        start = time.time()
+        time.sleep(0.1)
+        with open(self.log, "a") as f:
+            f.write(f"{start} {time.time()}\n")
+        return {"x": torch.tensor([step])}
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_no_batch_is_prepared_while_the_clock_is_paused(tmp_path, gated):
+    """A slow evaluation (the pause) must not let data workers prepare the next batches off the clock."""
+    data = SlowData(tmp_path / "made.txt")
+    gate = Gate() if gated else None
+    stream = batch_stream(data, 8, 0, 0, torch.device("cpu"), gate)
+    assert [next(stream)["x"].item() for _ in range(2)] == [0, 1]
+    if gate:
+        gate.close()  # on the clock: waits for the batches being made
+    paused = time.time()
+    time.sleep(1.0)  # the evaluation
+    resumed = time.time()
+    if gate:
+        gate.open()
+    assert [next(stream)["x"].item() for _ in range(3)] == [2, 3, 4]  # the order of steps is kept
+    made = [tuple(map(float, line.split())) for line in (tmp_path / "made.txt").read_text().splitlines()]
+    during = [m for m in made if m[1] > paused and m[0] < resumed]
+    if gated:
+        assert during == []
+    else:
+        assert during  # without the gate, workers keep prefetching: what the test must be able to see
+    del stream
+
+
+def test_trainer_compile_on_the_cpu_records_its_time_and_trains(corpus_file, tmp_path):
+    summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true", "trainer.max_steps=3")), tmp_path)
+    assert summary["status"] == "completed" and summary["compile_time_s"] > 0 and summary["steps"] == 3
+    assert summary["compile_time_s"] > summary["train_time_s"] / 100  # compiling is not free, and it is off the clock
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(corpus_file, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match=r"trainer.compile: torch.compile failed \(RuntimeError: no compiler here\)"):
+        summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true")), tmp_path)
+    assert summary["compile_time_s"] == 0 and summary["steps"] == 6
+
+
+def test_throughput_and_mfu_are_recorded(corpus_file, tmp_path, monkeypatch):
+    summary = run(make_config(tiny_overrides(corpus_file)), tmp_path / "cpu")
+    rows = read_metrics(tmp_path / "cpu")
+    assert summary["flops_per_step"] > 0 and all(r["tflops"] > 0 for r in rows[1:])
+    assert "mfu" not in rows[-1]  # no known peak for a CPU: no MFU against a guess
+    monkeypatch.setattr("sift_cli.trainer.peak_flops", lambda device: 1e12)
+    run(make_config(tiny_overrides(corpus_file)), tmp_path / "peak")
+    rows = read_metrics(tmp_path / "peak")
+    assert all(r["mfu"] == pytest.approx(r["tflops"]) and r["mfu"] > 0 for r in rows[1:])
+
+
+def test_the_known_gpus_have_a_peak_and_the_clock_waits_for_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert hardware.peak_flops(torch.device("cuda", 0)) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert hardware.peak_flops(torch.device("cuda", 0)) == 756e12
+    assert hardware.peak_flops(torch.device("cpu")) is None
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(True))
+    clock = Clock(torch.device("mps"))
+    clock.start()
+    clock.stop()
+    assert waited == [True]  # queued MPS work belongs to the time just measured
+
+
+def test_version_and_help_name_the_app():
+    out = sift_train("--version")
+    assert out.returncode == 0 and out.stdout.startswith("sift-train ") and f"torch {torch.__version__}" in out.stdout
+    help_text = sift_train("--help").stdout
+    assert help_text.startswith("sift-train: train with SIFT") and "train is powered by Hydra" not in help_text
+
+
+def test_an_unwritable_run_folder_is_one_line(corpus_file, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=f"the run folder {blocker / 'run'} is not writable"):
+        run(make_config(tiny_overrides(corpus_file)), blocker / "run")
+
+
+def test_the_offline_wandb_hint_names_the_folder_wandb_sync_wants_quoted(corpus_file, tmp_path, caplog):
+    overrides = [o for o in tiny_overrides(corpus_file, "trainer.max_steps=2") if o != "logger=none"]
+    folder = tmp_path / "with space"
+    with caplog.at_level(logging.INFO, logger="sift_cli.records"):
+        run(make_config(overrides + ["logger=wandb", "logger.mode=offline", f"logger.dir={folder}"]), tmp_path / "r")
+    [hint] = [r.getMessage() for r in caplog.records if "wandb sync" in r.getMessage()]
+    quoted = re.search(r"wandb sync ('[^']*')", hint)
+    assert quoted  # quoted: a path with a space survives the shell
+    target = Path(quoted.group(1).strip("'"))
+    assert target.name.startswith("offline-run-") and list(target.glob("*.wandb"))  # the run folder, not files/
+
+
+def test_the_step_budget_and_the_math_of_kept_rows(corpus_file, tmp_path):
+    summary = run(make_config(tiny_overrides(corpus_file, "frac=0.3")), tmp_path)
+    assert summary["samples_backpropagated_per_step"] == math.ceil(0.3 * 8)
