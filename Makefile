@@ -44,6 +44,11 @@ bench: install
 bench-gsgd: install
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) benchmarks/gsgd_convex.py $(if $(QUICK),--quick)
 
+# make bench-calibration [QUICK=1]: known-answer calibration (duplicates, noise) of 7 arms on BERT-Tiny and
+# ResNet-18, 3 seeds (benchmarks/results/calibration[-quick].md; about 50 min on 2 shared CPU cores, QUICK=1 about 8)
+bench-calibration: install
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) benchmarks/calibration.py $(if $(QUICK),--quick)
+
 # make bench-tta [QUICK=1]: time to accuracy of vanilla, SIFT, random and exact selection through the
 # real CLI (benchmarks/results/time_to_accuracy[-quick].md; about 45 min on 2 CPU cores)
 bench-tta: install
