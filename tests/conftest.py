@@ -71,5 +71,8 @@ def tiny_overrides(corpus_file: Path, *extra: str) -> list[str]:
 def sift_train(*args: str, cwd: Path = REPO, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """Run the real console entry point, as a user types it, in a session of its own (so a signal it sends
     its process group, as a terminal or SLURM would, reaches only it), with `env` added to the environment."""
+    # not the W&B service an in-process test of this worker started (wandb exports its address): a run of its
+    # own, as a user's, starts its own service
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     return subprocess.run([sys.executable, "-m", "sift_cli.train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, start_new_session=True)
+                          timeout=timeout, env={**inherited, "PYTHONUNBUFFERED": "1", **env}, start_new_session=True)
