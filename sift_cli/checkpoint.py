@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -24,9 +23,8 @@ import torch
 
 from sift_cli.config import RESUMABLE, RESUMABLE_PREFIXES, ConfigError, first_line
 from sift_cli.faults import kill_point
-from sift_cli.records import write_atomic
+from sift_cli.records import flat_config, write_atomic
 
-log = logging.getLogger(__name__)
 FOLDER, LATEST, MANIFEST, RUN, CLOCK = "checkpoints", "latest", "manifest.json", "run.json", "clock.json"
 RECORD_FILES = ("metrics.jsonl", "summary.json", RUN)  # what makes a folder hold a run
 BUDGETS = ("trainer.max_steps", "trainer.max_time_s")
@@ -151,19 +149,9 @@ def load(folder: Path) -> Optional[tuple[dict, dict]]:
 # --- the run folder: resume, extend, skip or refuse -------------------------------------------
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def changed_keys(old: dict, new: dict) -> list[str]:
     """Keys whose values differ in a way that changes training (budgets and sinks may differ)."""
-    a, b = _flat(old), _flat(new)
+    a, b = flat_config(old), flat_config(new)
     return sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES))
 
@@ -174,7 +162,7 @@ def _budget(value) -> float:
 
 def extends(old: dict, new: dict) -> bool:
     """Whether the new config raises a budget of the old, so a finished run trains on."""
-    a, b = _flat(old), _flat(new)
+    a, b = flat_config(old), flat_config(new)
     return any(_budget(b.get(k)) > _budget(a.get(k)) for k in BUDGETS)
 
 
@@ -206,7 +194,8 @@ def check_folder(run_dir: Path, config: dict, resume: str) -> str:
                           f"choose a new folder with hydra.run.dir=... (or hydra.sweep.dir=...)")
     differ = changed_keys(previous["config"], config)
     if differ:
-        shown = ", ".join(f"{k} ({_flat(previous['config']).get(k)} -> {_flat(config).get(k)})" for k in differ[:4])
+        old, new = flat_config(previous["config"]), flat_config(config)
+        shown = ", ".join(f"{k} ({old.get(k)} -> {new.get(k)})" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise ConfigError(f"the run folder {run_dir} holds a run with another config: {shown}{more}; rerun with "
                           f"its values to resume it, or choose a new folder (hydra.run.dir=... / hydra.sweep.dir=...)")

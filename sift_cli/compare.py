@@ -31,7 +31,7 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, read_metrics, time_to_target  # noqa: E402
+from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, flat_config, read_metrics, time_to_target  # noqa: E402
 
 # config keys that do not change what a run learns, so runs differing only there are repeats
 IGNORED = {"seed", "name", "tags", "targets", "trainer.progress", "trainer.device", "trainer.eval_batch_size",
@@ -171,16 +171,6 @@ def load_runs(paths: list[str], include_incomplete: bool = False) -> list[Run]:
 # grouping: every seed of one setting
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
-    return flat
-
-
 def shapes_training(key: str) -> bool:
     """Whether a config key belongs to the setting: not ignored, and not a selection knob."""
     return key not in IGNORED and key not in SELECTION and not key.startswith(IGNORED_PREFIXES)
@@ -192,7 +182,7 @@ def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict
     Keys in `tuned` (e.g. a learning rate each arm chose for itself) are left out of the setting, so
     each arm is compared with vanilla at vanilla's own value."""
     s = run.summary
-    flat = flatten(s["config"])
+    flat = flat_config(s["config"])
     knobs = {k: flat.get(k) for k in USED_KNOBS.get(s["method"], SIFT_KNOBS)}
     setting = {k: v for k, v in flat.items() if shapes_training(k) and k not in tuned}
     # the choice names and what the run actually ran on (the config may say "auto")
@@ -202,7 +192,7 @@ def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict
 
 def check_tuned(runs: list[Run], tuned: list[str]) -> None:
     """A --tuned key must be a config key of these runs; a typo would silently compare nothing."""
-    flats = [flatten(run.summary["config"]) for run in runs]
+    flats = [flat_config(run.summary["config"]) for run in runs]
     for key in tuned:
         if not any(key in flat for flat in flats):
             keys = sorted({k for flat in flats for k in flat})

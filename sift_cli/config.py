@@ -190,9 +190,13 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
     depth = model_depth(cfg)
     if depth is not None:
         check_exit_layer(cfg.exit_layer, depth, model_name or cfg.model._target_.rsplit(".", 1)[-1])
-    positions = cfg.model.get("max_position")
-    if positions and cfg.data.get("seq_len") and cfg.data.seq_len > positions:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {positions} positions "
+    check_positions(cfg.data.get("seq_len"), None if cfg.model.get("pretrained") else cfg.model.get("max_position"))
+
+
+def check_positions(seq_len: Optional[int], positions: Optional[int]) -> None:
+    """A sequence must fit the model's positions: known from its config, or from its checkpoint once loaded."""
+    if positions and seq_len and seq_len > positions:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than the model's {positions} positions "
                           f"(model.max_position); use data.seq_len={positions} or less")
 
 

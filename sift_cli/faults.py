@@ -17,8 +17,13 @@ import os
 import signal
 
 
+def armed(point: str, step: int) -> bool:
+    """Whether a test asked for a kill at this point and step."""
+    return os.environ.get("SIFT_TEST_KILL") == f"{point}:{step}"
+
+
 def kill_point(point: str, step: int) -> None:
-    if os.environ.get("SIFT_TEST_KILL") == f"{point}:{step}":
+    if armed(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
     name, _, at = os.environ.get("SIFT_TEST_SIGNAL", "").partition(":")
     if point == "step" and at == str(step):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from sift_cli.faults import kill_point
+from sift_cli.faults import armed, kill_point
 
 log = logging.getLogger(__name__)
 METRICS, SUMMARY, DIAGNOSTICS = "metrics.jsonl", "summary.json", "diagnostics.jsonl"
@@ -33,6 +33,17 @@ def read_metrics(run_dir: Path, file: str = METRICS) -> list[dict]:
             except json.JSONDecodeError:
                 raise ValueError(f"{path}:{number} is not a JSON line") from None
     return rows
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A run's nested config as dotted keys (`trainer.batch_size`), lists as JSON text so values compare and hash."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return flat
 
 
 def time_to_target(rows: list[dict], target: float) -> Optional[dict]:
@@ -156,7 +167,7 @@ class Recorder:
         if file not in self._files:
             self._files[file] = open(self.run_dir / file, "a", buffering=1)  # line-buffered: a crash keeps rows
         line = json.dumps(row) + "\n"
-        if os.environ.get("SIFT_TEST_KILL") == f"metrics-line:{row.get('step')}":
+        if armed("metrics-line", row.get("step")):
             self._files[file].write(line[: len(line) // 2])  # a torn line, as a kill mid-write leaves it
             self._files[file].flush()
             kill_point("metrics-line", row.get("step"))

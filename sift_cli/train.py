@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import sys
 from dataclasses import fields
@@ -26,9 +27,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sift_cli import __version__, distributed
 from sift_cli.checkpoint import Checkpointer, changed_keys, check_folder, holds_run, load, read_run
-from sift_cli.config import ConfigError, check_exit_layer, method, run_name, validate
+from sift_cli.config import ConfigError, check_exit_layer, check_positions, method, run_name, validate
 from sift_cli.hardware import accelerator
-from sift_cli.records import SUMMARY, Recorder, time_to_target, write_atomic
+from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, Recorder, time_to_target, write_atomic
 from sift_cli.trainer import fit
 
 log = logging.getLogger("sift_cli")
@@ -148,10 +149,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
                           f"is {data.task} data; pick a data choice of the same task")
     model = build(cfg.model, **data.model_args).to(device)
     check_exit_layer(cfg.exit_layer, model.depth, model_name)
-    seq_len = cfg.data.get("seq_len")
-    if seq_len and seq_len > getattr(model, "max_length", seq_len):
-        raise ConfigError(f"data.seq_len={seq_len} is longer than the {model.max_length} positions of "
-                          f"model={model_name}; use data.seq_len={model.max_length} or less")
+    check_positions(cfg.data.get("seq_len"), getattr(model, "max_length", None))  # a checkpoint's own limit
     arm = method(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth)
     name = run_name(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth, cfg.seed, cfg.trainer.batch_mode)
     if main:
@@ -203,8 +201,6 @@ def read_summary(run_dir: Path) -> dict:
 
 def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config: dict):
     """(tensors, state) to continue from: the newest valid checkpoint here, or the one `resume` names."""
-    import shutil
-
     if resume == "auto":
         found = checkpointer.load_newest()
         return None if found is None else found[1:]
@@ -221,7 +217,7 @@ def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config:
     if source.resolve() != run_dir.resolve():  # a fork: the new folder starts with the source's records
         if holds_run(run_dir):
             raise ConfigError(f"the run folder {run_dir} already holds a run; resume {resume} into a new folder")
-        for file in ("metrics.jsonl", "diagnostics.jsonl"):
+        for file in (METRICS, DIAGNOSTICS):
             if (source / file).exists():
                 shutil.copyfile(source / file, run_dir / file)
     return loaded

@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import make_config, sift_train
 from sift_cli.config import ConfigError
 from sift_cli.data import order
-from sift_cli.data.images import ImageData, View, image_folder, per_sample, resolve_workers
+from sift_cli.data import resolve_workers
+from sift_cli.data.images import ImageData, View, image_folder, per_sample
 from sift_cli.models.resnet import ResNetClassifier
 from sift_cli.train import build
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+from sift_cli.config import ConfigError
+from sift_cli.data.order import KnownAnswer
+
+MAX_AUTO_WORKERS = 4  # enough to keep a GPU fed; more mostly costs memory
 
 
 def cache_root(cache_dir: Optional[str] = None) -> Path:
@@ -12,3 +17,34 @@ def cache_root(cache_dir: Optional[str] = None) -> Path:
     root = Path(cache_dir or os.environ.get("SIFT_CACHE") or Path.home() / ".cache" / "sift-train").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def resolve_workers(num_workers: Union[int, str]) -> int:
+    """data.num_workers: a count, or auto = as many as this process may run on, at most MAX_AUTO_WORKERS."""
+    if num_workers == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(MAX_AUTO_WORKERS, cpus)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"data.num_workers={num_workers} is not allowed; use auto or a whole number >= 0")
+    return num_workers
+
+
+def check_known_answer(duplicate_fraction: float, duplicate_pool: int, noise_fraction: float) -> None:
+    """The known-answer keys of every data choice, each checked and named."""
+    for key, value in (("data.duplicate_fraction", duplicate_fraction), ("data.noise_fraction", noise_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} must lie in [0, 1) (0 leaves the training set as it is)")
+    if isinstance(duplicate_pool, bool) or not isinstance(duplicate_pool, int) or duplicate_pool < 1:
+        raise ConfigError(f"data.duplicate_pool={duplicate_pool} must be a whole number >= 1 (the samples copied)")
+
+
+def make_known_answer(num_train: int, duplicate_fraction: float, duplicate_pool: int, noise_fraction: float,
+                 seed: int, samples: str = "samples") -> KnownAnswer:
+    """order.KnownAnswer for the data.* keys, checked; `samples` names them in a message (images, sequences)."""
+    check_known_answer(duplicate_fraction, duplicate_pool, noise_fraction)
+    try:
+        return KnownAnswer(num_train, duplicate_fraction, duplicate_pool, noise_fraction, seed=seed)
+    except ValueError:
+        raise ConfigError(f"data.duplicate_fraction={duplicate_fraction} and data.noise_fraction={noise_fraction} "
+                          f"leave no room for data.duplicate_pool={duplicate_pool} among {num_train:,} training "
+                          f"{samples}; lower them") from None

@@ -10,7 +10,6 @@ on the CPU; the trainer moves them to the device.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -24,10 +23,9 @@ from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.transforms import v2
 
 from sift_cli.config import ConfigError, first_line
-from sift_cli.data import cache_root, order
+from sift_cli.data import cache_root, make_known_answer, order, resolve_workers
 
 CIFAR_FILES = "cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta"
-MAX_AUTO_WORKERS = 4  # enough to keep a GPU fed on small images; more mostly costs memory
 
 
 class View(Dataset):
@@ -62,32 +60,6 @@ def collate_samples(samples: Sequence[tuple[Tensor, int]], mean: Sequence[float]
     """A DataLoader's collate_fn: (image, label) pairs -> a normalised batch."""
     images, labels = zip(*samples)
     return collate(images, torch.tensor(labels, dtype=torch.long), mean, std)
-
-
-def resolve_workers(num_workers: Union[int, str]) -> int:
-    """data.num_workers: a count, or auto = as many as this process may run on, at most MAX_AUTO_WORKERS."""
-    if num_workers == "auto":
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return min(MAX_AUTO_WORKERS, cpus)
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ConfigError(f"data.num_workers={num_workers} is not allowed; use auto or a whole number >= 0")
-    return num_workers
-
-
-def known_answer(num_train: int, duplicate_fraction: float, duplicate_pool: int, noise_fraction: float,
-                 seed: int) -> order.KnownAnswer:
-    """order.KnownAnswer for the data.* keys, each checked and named."""
-    for key, value in (("data.duplicate_fraction", duplicate_fraction), ("data.noise_fraction", noise_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ConfigError(f"{key}={value} must lie in [0, 1) (0 leaves the training set as it is)")
-    if isinstance(duplicate_pool, bool) or not isinstance(duplicate_pool, int) or duplicate_pool < 1:
-        raise ConfigError(f"data.duplicate_pool={duplicate_pool} must be a whole number >= 1 (the images copied)")
-    try:
-        return order.KnownAnswer(num_train, duplicate_fraction, duplicate_pool, noise_fraction, seed=seed)
-    except ValueError:
-        raise ConfigError(f"data.duplicate_fraction={duplicate_fraction} and data.noise_fraction={noise_fraction} "
-                          f"leave no room for data.duplicate_pool={duplicate_pool} among {num_train} training "
-                          "images; lower them") from None
 
 
 def noisy_labels(labels: Tensor, known: order.KnownAnswer, num_classes: int, seed: int) -> Tensor:
@@ -147,7 +119,8 @@ class ImageData:
         self.model_args = {"num_classes": num_classes, "image_size": image_size}
         self.setting = {"duplicate_fraction": duplicate_fraction, "duplicate_pool": duplicate_pool,
                         "noise_fraction": noise_fraction}
-        self.known = known_answer(self.num_train, duplicate_fraction, duplicate_pool, noise_fraction, split_seed)
+        self.known = make_known_answer(self.num_train, duplicate_fraction, duplicate_pool, noise_fraction,
+                                       split_seed, "images")
         # sample i shows the image and label of known.source[i], noisy ones with a wrong label
         labels = torch.as_tensor(labels, dtype=torch.long)[self.known.source]
         self.labels = noisy_labels(labels, self.known, num_classes, split_seed)

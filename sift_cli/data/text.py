@@ -42,7 +42,7 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sift_cli.config import ConfigError, first_line
-from sift_cli.data import cache_root, order
+from sift_cli.data import cache_root, check_known_answer, make_known_answer, order, resolve_workers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -509,8 +509,8 @@ class TextData:
         """The duplicated and noisy training samples, or None when the data is used as it is."""
         s = self.setting
         if self._known is None and (s["duplicate_fraction"] or s["noise_fraction"]):
-            self._known = order.KnownAnswer(self.num_train, s["duplicate_fraction"], s["duplicate_pool"],
-                                            s["noise_fraction"], seed=self.split_seed)
+            self._known = make_known_answer(self.num_train, s["duplicate_fraction"], s["duplicate_pool"],
+                                            s["noise_fraction"], self.split_seed, "sequences")
         return self._known
 
     def _sequences(self, split: str, index: Tensor) -> Tensor:
@@ -586,7 +586,7 @@ class TextData:
 
 
 def _check(seq_len, val_fraction, max_val_samples, mlm_probability, max_predictions, tokenizer_sample_mb,
-           max_documents, max_tokens, num_workers, duplicate_fraction, duplicate_pool, noise_fraction) -> None:
+           max_documents, max_tokens, duplicate_fraction, duplicate_pool, noise_fraction) -> None:
     def fail(key, value, allowed):
         raise ConfigError(f"data.{key}={value} is not allowed; {allowed}")
 
@@ -607,24 +607,22 @@ def _check(seq_len, val_fraction, max_val_samples, mlm_probability, max_predicti
     for key, value in (("max_documents", max_documents), ("max_tokens", max_tokens)):
         if value is not None and value < 1:
             fail(key, value, "use a positive number, or null for no cap")
-    if num_workers < 0:
-        fail("num_workers", num_workers, "use 0 (the main process) or more")
     for key, value in (("duplicate_fraction", duplicate_fraction), ("noise_fraction", noise_fraction)):
         if not 0 <= value < 1:
             fail(key, value, "use a fraction in [0, 1)")
-    if duplicate_pool < 1:
-        fail("duplicate_pool", duplicate_pool, "use at least 1 sample")
+    check_known_answer(duplicate_fraction, duplicate_pool, noise_fraction)  # what every data choice checks
 
 
 def build(corpus: Corpus, *, vocab_size: int = 8192, seq_len: int = 128, val_fraction: float = 0.05,
           max_val_samples: Optional[int] = 256, split_seed: int = 0, mlm_probability: float = 0.15,
           max_predictions: int = 20, tokenizer: Optional[str] = None, tokenizer_sample_mb: float = 64,
-          max_documents: Optional[int] = None, max_tokens: Optional[int] = None, num_workers: int = 2,
+          max_documents: Optional[int] = None, max_tokens: Optional[int] = None, num_workers: int | str = 2,
           duplicate_fraction: float = 0.0, duplicate_pool: int = 4, noise_fraction: float = 0.0,
           cache_dir: Optional[str] = None) -> TextData:
     """Tokenise the corpus into a cached token folder (once, for every run) and serve batches from it."""
     _check(seq_len, val_fraction, max_val_samples, mlm_probability, max_predictions, tokenizer_sample_mb,
-           max_documents, max_tokens, num_workers, duplicate_fraction, duplicate_pool, noise_fraction)
+           max_documents, max_tokens, duplicate_fraction, duplicate_pool, noise_fraction)
+    num_workers = resolve_workers(num_workers)
     root = _cache(cache_dir)
     pretrained = _load_pretrained(tokenizer) if tokenizer else None
     recipe = ("pretrained", _tokenizer_content(pretrained)) if pretrained else ("wordpiece", vocab_size,
@@ -651,12 +649,7 @@ def build(corpus: Corpus, *, vocab_size: int = 8192, seq_len: int = 128, val_fra
                     split_seed=split_seed, num_workers=num_workers, duplicate_fraction=duplicate_fraction,
                     duplicate_pool=duplicate_pool, noise_fraction=noise_fraction)
     _check_size(data, corpus, meta, val_fraction)
-    try:
-        data.known_answer  # built now, so that a bad combination fails before training starts
-    except ValueError:
-        raise ConfigError(f"data.duplicate_fraction={duplicate_fraction} and data.noise_fraction={noise_fraction} "
-                          f"leave no room for data.duplicate_pool={duplicate_pool} among {data.num_train:,} "
-                          "training sequences; lower them") from None
+    data.known_answer  # built now, so that a bad combination fails before training starts
     return data
 
 
