@@ -1,51 +1,78 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-# SIFT on one GPU in about 8 minutes: the step cost of BERT-base at 256x128 (compile off and on, host
-# syncs counted, MFU), then a short time-to-accuracy race at the same size, where steps are compute-bound.
-# The first line brings hydra-core, omegaconf and antlr4 from the wheels in .whl/ (the lent machine
-# lacks them; `pip download` them, see benchmarks/README.md); the repo is the working directory.
+# SIFT on one GPU within one device call (at most 10 min): the step cost of BERT-base at 256x128 eager,
+# compiled and under CUDA graphs (host syncs, GPU kernel time and busy share, MFU), then a time-to-accuracy
+# race of vanilla, SIFT and random, one seed after another until the budget runs out (each seed's report
+# is complete). The first line brings hydra-core, omegaconf and antlr4 from the wheels in .whl/ (the lent
+# machine lacks them; `pip download` them, see benchmarks/README.md); the repo is the working directory.
 #
-#   bash benchmarks/gpu.sh                   results in $OUT (flat)
-#   GPU_DRY=1 OUT=/tmp/out PATH=$PWD/.venv/bin:$PATH bash benchmarks/gpu.sh
+#   bash benchmarks/gpu.sh [all|step|race|big]   all (default): step, then race; big: 512x128, compiled only
+#   GPU_BUDGET_S=550         seconds this call may take in all (the device tool's limit is 600 per call)
+#   RACE_COMPILE=false RACE_COMPILE_MODE=null    the race's trainer.compile and trainer.compile_mode
+#   GPU_DRY=1 OUT=/tmp/out PATH=$PWD/.venv/bin:$PATH bash -c 'sed 1d benchmarks/gpu.sh | bash -s -- all'
 #       a rehearsal on the CPU with bert_tiny and tiny batches: every command runs, in a few minutes
 set -euo pipefail
 OUT=${OUT:?set OUT to the folder for results}
+PART=${1:-all}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/gpu.log") 2>&1
+exec > >(tee -a "$OUT/gpu.log") 2>&1
 export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1 SIFT_CACHE=${SIFT_CACHE:-/tmp/sift-cache}
+deadline=$((SECONDS + ${GPU_BUDGET_S:-550}))
+left() { local s=$((deadline - SECONDS - $1)); echo $((s > 1 ? s : 1)); }  # seconds to the deadline, less a margin
 
-# the race shares the step-cost benchmark's shapes (batch, length, vocabulary), so inductor's cache
-# of the compiled graphs serves both
-step=(--model bert:256x128 --exits 1 --fracs 0.5 --reps 2 --warmup 3 --steps 10 --max-profiles 0 --compile both
-      --device cuda)
-race=(model=bert trainer.batch_size=256 data.vocab_size=8192 data.seq_len=128 trainer.max_time_s=40
-      trainer.eval_every_s=4 trainer.warmup=4)
-race_args=(--experiment tta_gpu --arms vanilla,sift-loss,random --seeds 0 --lrs 3e-4)
-budget=(300 270)
+step=(--model bert:256x128 --exits 1 --fracs 0.5 --reps 2 --warmup 3 --steps 10 --max-profiles 0
+      --compile off,on,reduce-overhead --device cuda)
+big=(--model bert:512x128 --exits 1 --fracs 0.5 --reps 2 --warmup 3 --steps 10 --max-profiles 0
+     --compile on,reduce-overhead --device cuda)
+# BERT-Small learns within 20 s at this size (BERT-base does not leave its first plateau in 40 s); the corpus
+# and shapes are the step cost's (the standard library's docstrings, vocabulary 8192, 256x128)
+race=(model=bert_small trainer.batch_size=256 'data.packages=[]' data.vocab_size=8192 data.seq_len=128
+      trainer.max_time_s=20 trainer.eval_every_s=2 "trainer.compile=${RACE_COMPILE:-false}"
+      "trainer.compile_mode=${RACE_COMPILE_MODE:-null}")
+race_args=(--experiment tta_gpu --arms vanilla,sift-loss,random --lrs 1e-3)
 if [[ -n "${GPU_DRY:-}" ]]; then  # the same commands on the CPU, small enough to finish in minutes
-  step=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0 --compile both
-        --device cpu)
-  race=(model=bert_tiny trainer.batch_size=8 trainer.max_time_s=6 trainer.eval_every_s=2 trainer.device=cpu
-        data.seq_len=32 data.max_val_samples=16 trainer.compile=false)
-  budget=(600 600)
+  step=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0
+        --compile off,on,reduce-overhead --diagnose --device cpu)
+  big=(--model bert_tiny:8x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0
+       --compile on --diagnose --device cpu)
+  race=(model=bert_tiny trainer.batch_size=8 trainer.max_time_s=4 trainer.eval_every_s=2 trainer.device=cpu
+        data.seq_len=32 data.max_val_samples=16 "trainer.compile=${RACE_COMPILE:-false}"
+        "trainer.compile_mode=${RACE_COMPILE_MODE:-null}")
 else
   python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/nvidia-smi.csv"
 fi
 python3 -c "import hydra, omegaconf, torch, transformers; print('hydra', hydra.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 
-# the race's corpus (docstrings of torch and transformers: about a minute of parsing, then cached)
-# is built on the CPU while the GPU times steps
-python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import app_config; \
+if [[ $PART == all || $PART == race ]]; then
+  # the race's corpus (about a minute of parsing, then cached) is built on the CPU while the GPU times steps
+  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import app_config; \
 from hydra.utils import instantiate; instantiate(app_config(['experiment=tta_gpu', *sys.argv[1:]]).data)" \
-  "${race[@]}" > "$OUT/corpus.log" 2>&1 & corpus=$!
+    "${race[@]}" > "$OUT/corpus.log" 2>&1 & corpus=$!
+fi
 
-# 1. step cost: vanilla, the hand-written loops, random and SIFT (k=1, frac 0.5), eager and compiled
-timeout "${budget[0]}" python3 benchmarks/step_cost.py "${step[@]}" --out "$OUT/step_cost.md" || echo "step cost: exit $?"
-wait "$corpus" || { echo "gpu.sh: building the race's corpus failed:"; tail -5 "$OUT/corpus.log"; exit 1; }
+if [[ $PART == all || $PART == step ]]; then
+  # vanilla, the hand-written loops, random and SIFT (k=1, frac 0.5): eager, compiled, compiled with CUDA graphs
+  timeout "$(left 200)" python3 benchmarks/step_cost.py "${step[@]}" --out "$OUT/step_cost.md" || echo "step cost: exit $?"
+fi
+if [[ $PART == big ]]; then
+  timeout "$(left 10)" python3 benchmarks/step_cost.py "${big[@]}" --out "$OUT/step_cost-512.md" || echo "step cost: exit $?"
+fi
 
-# 2. time to accuracy: vanilla, SIFT (loss, k=1, frac 0.5) and random (frac 0.5), one seed each
-timeout "${budget[1]}" python3 benchmarks/time_to_accuracy.py "${race_args[@]}" --runs-dir /tmp/tta-gpu \
-  --plots /tmp/tta-gpu/plots --out "$OUT/time_to_accuracy.md" "${race[@]}" || echo "race: exit $?"
-cp /tmp/tta-gpu/plots/accuracy_vs_time.png "$OUT/" 2>/dev/null || true
-tar -czf "$OUT/tta_runs.tar.gz" --exclude=checkpoints -C /tmp tta-gpu  # metrics, summaries, logs
+if [[ $PART == all || $PART == race ]]; then
+  wait "$corpus" || { echo "gpu.sh: building the race's corpus failed:"; tail -5 "$OUT/corpus.log"; exit 1; }
+  # one seed more per call, in the same folder (finished runs are kept): each call's report covers every seed
+  # so far, and a call cut short by the deadline leaves the previous report standing
+  seeds=""
+  for seed in 0 1 2; do
+    seeds+="${seeds:+,}$seed"
+    (( $(left 20) > 60 )) || { echo "race: no time for seed $seed"; break; }
+    timeout "$(left 20)" python3 benchmarks/time_to_accuracy.py "${race_args[@]}" --seeds "$seeds" \
+      --runs-dir /tmp/tta-gpu --plots /tmp/tta-gpu/plots --out "$OUT/time_to_accuracy.md" "${race[@]}" \
+      > "$OUT/race.log" 2>&1 || { echo "race with seeds $seeds: exit $?"; tail -3 "$OUT/race.log"; break; }
+    echo "race: seeds $seeds done"
+  done
+  cp /tmp/tta-gpu/plots/accuracy_vs_time.png "$OUT/" 2>/dev/null || true
+  tar -czf "$OUT/tta_runs.tar.gz" --exclude=checkpoints -C /tmp tta-gpu || true  # metrics, summaries, logs
+  sed -n '/^## Comparison/,/^## The same runs/p' "$OUT/time_to_accuracy.md" 2>/dev/null || true
+fi
 ls -l "$OUT"

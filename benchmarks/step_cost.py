@@ -15,6 +15,11 @@ model; the simple estimate k/(3L) + frac stands beside it.
     python benchmarks/step_cost.py --quick         # bert_tiny and bert_mini, exits 1 and L at frac 0.5
     python benchmarks/step_cost.py --model bert_mini:128x128 --exits 1,L --fracs 0.5 --device cuda
     python benchmarks/step_cost.py --model bert:256x128 --exits 1 --fracs 0.5 --compile both --device cuda
+    python benchmarks/step_cost.py --model bert:256x128 --exits 1 --fracs 0.5 --compile off,on,reduce-overhead
+
+On a GPU every fit() arm also gets its host syncs per step and its kernel time per step (torch.profiler),
+split into matrix products, attention and the rest: kernel time over wall time is how busy the GPU
+was, which tells a step bound by the host's launches (cured by CUDA graphs) from one bound by its kernels.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from hydra.utils import instantiate
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
@@ -38,7 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from common import RESULTS, app_config, command_line, machine, markdown_table, spread
 from sift_cli.config import step_sizes, validate
 from sift_cli.records import METRICS
-from sift_cli.trainer import Clock, Selection, autocast_for, fit, scorer, to_device, train_step
+from sift_cli.hardware import synchronize
+from sift_cli.trainer import Clock, Selection, autocast_for, compile_step, fit, scorer, to_device, train_step
 
 TARGET = ("bert_mini", 32, 1, 0.5)  # (model, batch, exit, frac) where measured/floor must stay <= 1.05
 LIMIT = 1.05
@@ -72,17 +79,17 @@ class Arm:
     kind: str  # vanilla | sift | random: fit() itself; minimal | textbook: hand-written loops
     frac: float = 1.0
     exit_layer: int = 1
-    compiled: bool = False  # trainer.compile=true (fit's own arms only)
+    mode: Optional[str] = None  # None: eager; else trainer.compile=true with this compile_mode (fit's arms only)
 
     @property
     def label(self) -> str:
         name = {"sift": f"sift k={self.exit_layer} f={self.frac:g}", "random": f"random f={self.frac:g}"}.get(
             self.kind, self.kind)
-        return name + (" compiled" if self.compiled else "")
+        return name + {None: "", "default": " compiled"}.get(self.mode, f" compiled {self.mode}")
 
     @property
-    def eager(self) -> "Arm":
-        return Arm(self.kind, self.frac, self.exit_layer)
+    def fits(self) -> bool:
+        return self.kind in ("vanilla", "random", "sift")
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,8 @@ def overrides(setting: Setting, arm: Arm, warmup: int, steps: int, device: str, 
         f"trainer.batch_size={setting.batch}", f"trainer.max_steps={warmup + steps}", "trainer.max_time_s=null",
         f"trainer.eval_every_steps={warmup}", "trainer.eval_every_s=null", "trainer.progress=false",
         f"trainer.device={device}", f"frac={arm.frac}", f"exit_layer={arm.exit_layer}",
-        f"criterion={'random' if arm.kind == 'random' else 'loss'}", f"trainer.compile={str(arm.compiled).lower()}",
+        f"criterion={'random' if arm.kind == 'random' else 'loss'}", f"trainer.compile={str(arm.mode is not None).lower()}",
+        f"trainer.compile_mode={'null' if arm.mode in (None, 'default') else arm.mode}",
         "trainer.schedule_unit=steps", *extra,
     ]
 
@@ -243,30 +251,74 @@ class Bench:
         return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.self_device_time_total / 1e3 / steps,
                         e.count / steps) for e in prof.key_averages()}
 
-    def syncs_per_step(self, arm: Arm) -> str:
-        """Host-device synchronisations in one call of the product's train_step (CUDA only)."""
+    def step_fn(self, arm: Arm) -> Callable[[dict, int], object]:
+        """The arm's train_step as fit() builds it (optimizer, selection, scoring pass, compiled alike), as a
+        function of (batch, step): for the diagnostics that watch single steps."""
         cfg = self.config(arm)
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, fused=self.device.type == "cuda")
+        optimizer = instantiate(cfg.trainer.optimizer)(params=self.model.parameters())
         scored, kept = step_sizes(self.setting.batch, arm.frac, "scored")
-        sel = Selection(arm.frac, cfg.criterion, scored, kept, 0, "local", self.device)  # as fit() makes it
-        score_fn = scorer(self.model, arm.exit_layer, cfg.criterion)
-        try:  # a diagnostic: should train_step's signature change, the timings above still stand
-            for i, batch in enumerate(self.batches[:2]):  # the first call allocates: not counted
-                torch.cuda.set_sync_debug_mode("warn" if i else "default")
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    train_step(self.model, score_fn, batch, optimizer, self.autocast, sel, i)
+        sel = Selection(arm.frac, cfg.criterion, scored, kept, 0, "local", self.device)
+        score_fn, loss_model = scorer(self.model, arm.exit_layer, cfg.criterion), self.model
+        if arm.mode:
+            score_fn, loss_model, _ = compile_step(self.model, self.model, cfg, self.batches[0], optimizer,
+                                                   self.autocast, sel, 0, self.device)
+        return lambda batch, step: train_step(loss_model, score_fn, batch, optimizer, self.autocast, sel, step)
+
+    def step_diagnostics(self, arm: Arm, steps: int = 3) -> tuple[str, Optional[dict[str, float]]]:
+        """Host syncs in one train_step (torch.cuda.set_sync_debug_mode; CUDA only), and the GPU's kernel time
+        per step by kind (torch.profiler over `steps` steps): beside the wall time per step, how busy the GPU
+        was, so a step bound by the host's launches shows as one whose kernels leave the GPU idle."""
+        try:  # diagnostics: should something here fail, the timings still stand
+            step = self.step_fn(arm)
+            step(self.batches[0], 0)  # the first call allocates: not counted
+            syncs = "-"
+            if self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        step(self.batches[1], 1)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                syncs = f"{sum('synchroniz' in str(w.message) for w in caught):g}"
+            batches = [self.batches[i % len(self.batches)] for i in range(2, 2 + steps)]
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for i, batch in enumerate(batches, 2):
+                    step(batch, i)
+                synchronize(self.device)
         except Exception as err:
-            return f"n/a ({type(err).__name__})"
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return f"{sum('synchroniz' in str(w.message) for w in caught):g}"
+            return f"n/a ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})", None
+        kernels = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
+                kernels[kernel_kind(event.name)] += event.device_time_total / 1e3 / steps
+        return syncs, (kernels if any(kernels.values()) else None)
 
 
-def arms_for(depth: int, exits: Optional[str], fracs: list[float], compiled: str = "off") -> list[Arm]:
+def kernel_kind(name: str) -> str:
+    """matmul (cuBLAS, CUTLASS, inductor's matmul templates), attention (flash/efficient kernels), or other."""
+    name = name.lower()
+    if name.startswith("triton_tem") or any(key in name for key in ("gemm", "cutlass", "nvjet", "cublas", "xmma")):
+        return "matmul"
+    if any(key in name for key in ("flash", "fmha", "attention")):
+        return "attention"
+    return "other"
+
+
+def compile_modes(text: str) -> list[Optional[str]]:
+    """`--compile` as a list of modes: None for eager, "default" for torch.compile's default, or a mode name."""
+    aliases = {"off": [None], "eager": [None], "on": ["default"], "both": [None, "default"]}
+    modes = []
+    for part in text.split(","):
+        modes += [mode for mode in aliases.get(part.strip(), [part.strip()]) if mode not in modes]
+    return modes
+
+
+def arms_for(depth: int, exits: Optional[str], fracs: list[float], modes: list[Optional[str]] = (None,)) -> list[Arm]:
     """The reference arms, then SIFT at every (exit, frac) of a small model; a deep one gets its first,
-    second, middle and last exit at the middle frac, and every frac at exit 1. `compiled`: off, on
-    (fit's arms with trainer.compile=true) or both (each of fit's arms both ways)."""
+    second, middle and last exit at the middle frac, and every frac at exit 1. fit()'s arms (vanilla, random,
+    SIFT) run in each of `modes` (see compile_modes); the hand-written loops run eagerly."""
     reference = [Arm("vanilla"), Arm("minimal"), Arm("textbook"), Arm("random", 0.5)]
     if exits:
         ks = sorted({depth if k == "L" else int(k) for k in exits.split(",")})
@@ -277,9 +329,8 @@ def arms_for(depth: int, exits: Optional[str], fracs: list[float], compiled: str
         middle = fracs[len(fracs) // 2]
         ks = sorted({1, 2, depth // 2, depth})
         arms = reference + [Arm("sift", f, 1) for f in fracs] + [Arm("sift", middle, k) for k in ks[1:]]
-    fits = [a for a in arms if a.kind in ("vanilla", "random", "sift")]
-    on = [Arm(a.kind, a.frac, a.exit_layer, compiled=True) for a in fits]
-    return {"off": arms, "on": [a for a in arms if a not in fits] + on, "both": arms + on}[compiled]
+    return [arm if not arm.fits else Arm(arm.kind, arm.frac, arm.exit_layer, modes[0]) for arm in arms] + [
+        Arm(arm.kind, arm.frac, arm.exit_layer, mode) for mode in modes[1:] for arm in arms if arm.fits]
 
 
 def profile_table(sift: dict, vanilla: dict, on_gpu: bool, rows: int = 12) -> str:
@@ -316,19 +367,31 @@ def measure(bench: Bench, arms: list[Arm], reps: int) -> dict[Arm, list[float]]:
     return times
 
 
-def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: int,
-                   max_profiles: int) -> tuple[str, list[str]]:
-    """The markdown section of one model size, and one line per point for the console summary."""
+def diagnostic_cells(bench: Bench, arm: Arm, seconds_per_step: float) -> list[str]:
+    """Host syncs, the GPU's kernel time per step by kind, and that time over the wall time of a step."""
+    if not arm.fits:
+        return ["-", "-", "-"]
+    syncs, kernels = bench.step_diagnostics(arm)
+    if kernels is None:
+        return [syncs, "-", "-"]
+    busy = sum(kernels.values())
+    return [syncs, f"{busy:.1f} ({kernels['matmul']:.1f}, {kernels['attention']:.1f}, {kernels['other']:.1f})",
+            f"{busy / (seconds_per_step * 1e3):.0%}"]
+
+
+def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: int, max_profiles: int,
+                   diagnose: bool) -> tuple[str, list[str]]:
+    """The markdown section of one model size, and one line per point for the console summary; with diagnose,
+    host syncs and the GPU's kernel time of every fit() arm."""
     depth, setting = bench.depth, bench.setting
     vanilla_flops = bench.flops(None)
     score_flops = {arm.exit_layer: bench.flops(arm.exit_layer) for arm in times if arm.kind == "sift"}
-    vanilla_times = times[Arm("vanilla", compiled=Arm("vanilla", compiled=True) in times and
-                                  Arm("vanilla") not in times)]
+    vanilla_times = next(ts for arm, ts in times.items() if arm.kind == "vanilla")  # for the hand-written loops
     on_gpu = bench.device.type == "cuda"
     rows, lines, over = [], [], []
     for arm, ts in times.items():
         # paired within each repetition, against the vanilla arm compiled alike
-        base = times.get(Arm("vanilla", compiled=arm.compiled), vanilla_times)
+        base = times.get(Arm("vanilla", mode=arm.mode), vanilla_times)
         ratios = [t / v for t, v in zip(ts, base)]
         floor = simple = None
         if arm.kind == "sift":
@@ -343,7 +406,7 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
         rows.append([arm.label, spread([t * 1e3 for t in ts]), f"{setting.batch / statistics.median(ts):,.0f}",
                      spread(ratios), f"{floor:.3f}" if floor else "-", f"{simple:.3f}" if simple else "-",
                      spread(excess) if excess else "-", f"{statistics.median(mfu):.3g}" if mfu else "-"]
-                    + ([bench.syncs_per_step(arm.eager) if floor else "-"] if on_gpu else []))
+                    + (diagnostic_cells(bench, arm, statistics.median(ts)) if diagnose else []))
         if arm.kind == "sift" and statistics.median(excess) > LIMIT:
             over.append((statistics.median(excess), arm))
         lines.append(f"{setting} {arm.label:>18}: {statistics.median(ts) * 1e3:8.1f} ms/step  "
@@ -356,7 +419,8 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
                         for k, f in sorted(score_flops.items())) + ".", "",
             markdown_table(["arm", "ms/step", "samples scored/s", "t / t_vanilla", "FLOP floor", "k/(3L)+frac",
                             "measured/floor", "MFU" if on_gpu else "TFLOP/s"]
-                           + (["host syncs/step"] if on_gpu else []), rows), "",
+                           + (["host syncs/step", "GPU kernels ms/step (matmul, attention, other)", "GPU busy"]
+                              if diagnose else []), rows), "",
             f"Vanilla arm against the hand-written loop: t_vanilla / t_minimal = "
             f"{spread([v / m for v, m in zip(vanilla_times, times[Arm('minimal')])])} (within 5%: at most 1.05); "
             f"textbook / minimal = {spread([t / m for t, m in zip(times[Arm('textbook')], times[Arm('minimal')])])}.",
@@ -392,8 +456,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a sift-train override for every model, e.g. data.vocab_size=1024 (repeatable)")
-    parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
-                        help="fit's arms eager (off), with trainer.compile=true (on), or each both ways")
+    parser.add_argument("--compile", default="off",
+                        help="fit's arms in each of these ways, comma-separated: off (eager), on (trainer.compile=true), "
+                             "both (off,on), or a trainer.compile_mode such as reduce-overhead (default: off)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="host syncs and GPU kernel time per fit() arm (always on a GPU; on the CPU a rehearsal)")
     parser.add_argument("--quick", action="store_true", help="bert_tiny and bert_mini only, exits 1 and L, frac 0.5")
     parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/step_cost[-quick].md)")
     args = parser.parse_args()
@@ -414,10 +481,11 @@ def main() -> None:
         if setting.model == "bert" and device.type == "cpu":  # seconds per step: one warm-up, a third timed
             steps, warmup = max(1, args.steps // 3), 1
         bench = Bench(setting, device, warmup, steps, args.set)
-        arms = arms_for(bench.depth, args.exits, fracs, args.compile)
+        arms = arms_for(bench.depth, args.exits, fracs, compile_modes(args.compile))
         print(f"{setting}: {len(arms)} arms x {args.reps} repetitions of {warmup}+{steps} steps", flush=True)
         times = measure(bench, arms, args.reps)
-        section, setting_lines = report_setting(bench, times, args.profile_steps, args.max_profiles)
+        section, setting_lines = report_setting(bench, times, args.profile_steps, args.max_profiles,
+                                                args.diagnose or device.type == "cuda")
         sections.append(section)
         lines += setting_lines
         if (setting.model, setting.batch) == TARGET[:2] and Arm("sift", TARGET[3], TARGET[2]) in times:
@@ -443,6 +511,11 @@ def main() -> None:
         "- FLOP floor = FLOPs(scoring pass to exit k, exit head included) / FLOPs(vanilla forward+backward) "
         "+ frac (FlopCounterMode on the real model and batch; the optimizer step is not counted)",
     ]
+    if args.diagnose or device.type == "cuda":
+        header += ["- Diagnostics, per fit() arm, from single calls of its `train_step` built as fit() builds it: "
+                   "host syncs in one step (`torch.cuda.set_sync_debug_mode`, a lower bound); GPU kernel time per "
+                   "step (torch.profiler, 3 steps), split into matrix products, attention and the rest; GPU busy = "
+                   "kernel time / ms per step (well under 100%: the GPU waits for the host's launches)"]
     if target:
         header += ["", f"**Target point** (measured/floor at most {LIMIT}): `{target.strip()}`"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from sift_cli import distributed
 from sift_cli.config import RESUMABLE, RESUMABLE_PREFIXES, ConfigError, first_line
 from sift_cli.faults import kill_point
 from sift_cli.records import flat_config, write_atomic
@@ -102,12 +103,12 @@ class Checkpointer:
         pointer's update leaves a newer complete checkpoint that the pointer does not name yet."""
         return sorted(self.folder.glob("step-*"), reverse=True)
 
-    def load_newest(self) -> Optional[tuple[Path, dict, dict]]:
-        """(folder, tensors, state) of the newest valid checkpoint; invalid ones warn and are passed over."""
+    def newest(self) -> Optional[tuple[Path, dict]]:
+        """(folder, state) of the newest valid checkpoint; invalid ones warn and are passed over."""
         for folder in self.candidates():
-            loaded = load(folder)
-            if loaded is not None:
-                return (folder, *loaded)
+            state = verify(folder)
+            if state is not None:
+                return folder, state
         return None
 
     def write_clock(self, step: int, train_time_s: float, every_s: float = 1.0) -> None:
@@ -129,21 +130,35 @@ class Checkpointer:
             return None
 
 
-def load(folder: Path) -> Optional[tuple[dict, dict]]:
-    """A checkpoint's (tensors, state) if its manifest matches its files; None with a warning otherwise."""
+def verify(folder: Path) -> Optional[dict]:
+    """A checkpoint's state if its manifest matches its files; None with a warning otherwise."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         for name, expected in manifest.items():
             path = folder / name
             if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
                 raise ValueError(f"{name} does not match the manifest")
-        tensors = {p.stem: torch.load(p, map_location="cpu", weights_only=True)
-                   for p in sorted(folder.glob("*.pt"))}
-        state = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        return json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError, KeyError) as err:
         warnings.warn(f"checkpoint {folder} is not valid ({first_line(err)}); trying the one before it")
         return None
-    return tensors, state
+
+
+def load_tensors(folder: Path) -> dict:
+    """A verified checkpoint's tensors, read by every process itself (as nanoGPT and torchtitan do) rather
+    than sent from rank 0: a BERT-base checkpoint with its optimizer is 1.3 GB. Every process must see the
+    run folder, as it must anyway to find its checkpoints after a requeue; where one does not, every
+    process stops with the same one-line error."""
+    try:
+        tensors, error = {p.stem: torch.load(p, map_location="cpu", weights_only=True)
+                          for p in sorted(folder.glob("*.pt"))}, None
+    except Exception as err:  # whatever one process meets, all must hear of it, or the others wait forever
+        tensors, error = None, f"rank {distributed.rank()}: {first_line(err)}"
+    errors = [e for e in distributed.gather(error) if e]
+    if errors:
+        raise ConfigError(f"checkpoint {folder} could not be read by every process ({'; '.join(errors)}); "
+                          f"resuming needs the run folder on a file system that every process sees")
+    return tensors
 
 
 # --- the run folder: resume, extend, skip or refuse -------------------------------------------

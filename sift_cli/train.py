@@ -26,7 +26,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sift_cli import __version__, distributed
-from sift_cli.checkpoint import Checkpointer, changed_keys, check_folder, holds_run, load, read_run
+from sift_cli.checkpoint import Checkpointer, changed_keys, check_folder, holds_run, load_tensors, read_run, verify
 from sift_cli.config import ConfigError, check_exit_layer, check_positions, method, run_name, validate
 from sift_cli.hardware import accelerator
 from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, Recorder, time_to_target, write_atomic
@@ -159,7 +159,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     checkpointer = Checkpointer(run_dir, cfg.trainer.keep_checkpoints)
     resumed, previous = None, read_run(run_dir) if main else None
     if action == "resume":
-        resumed = distributed.from_main(lambda: resume_point(run_dir, checkpointer, str(cfg.trainer.resume), config))
+        found = distributed.from_main(lambda: resume_point(run_dir, checkpointer, str(cfg.trainer.resume), config))
+        resumed = None if found is None else (load_tensors(found[0]), found[1])
     if main:
         checkpointer.clean()
         wandb_id = (previous or {}).get("wandb_id") or secrets.token_hex(4)
@@ -200,16 +201,15 @@ def read_summary(run_dir: Path) -> dict:
 
 
 def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config: dict):
-    """(tensors, state) to continue from: the newest valid checkpoint here, or the one `resume` names."""
+    """(folder, state) of the checkpoint to continue from: the newest valid one here, or the one `resume` names."""
     if resume == "auto":
-        found = checkpointer.load_newest()
-        return None if found is None else found[1:]
+        return checkpointer.newest()
     folder = Path(resume).expanduser()
-    loaded = load(folder) if folder.is_dir() else None
-    if loaded is None:
+    state = verify(folder) if folder.is_dir() else None
+    if state is None:
         raise ConfigError(f"trainer.resume={resume} is not a valid checkpoint folder (a checkpoints/step-N folder "
                           f"of a run, with its manifest.json); or use trainer.resume=auto or never")
-    differ = changed_keys(loaded[1]["config"], config)
+    differ = changed_keys(state["config"], config)
     if differ:
         raise ConfigError(f"trainer.resume={resume} was trained with another config ({', '.join(differ[:4])}); "
                           f"rerun with its values")
@@ -220,7 +220,7 @@ def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config:
         for file in (METRICS, DIAGNOSTICS):
             if (source / file).exists():
                 shutil.copyfile(source / file, run_dir / file)
-    return loaded
+    return folder, state
 
 
 def fail(err: Exception) -> None:

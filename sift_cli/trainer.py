@@ -239,7 +239,9 @@ def train_step(model, score_fn: Callable, batch: dict, optimizer, autocast, sel:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), score_sums
+    # a copy: under CUDA graphs (compile_mode=reduce-overhead) the next replay overwrites the graph's output,
+    # and the window keeps losses until an evaluation
+    return loss.detach().clone(), score_sums
 
 
 def scorer(model, exit_layer: int, criterion: str, compile_fn: Optional[Callable] = None) -> Callable:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import make_config, sift_train, tiny_overrides
-from sift_cli.checkpoint import load
+from sift_cli.checkpoint import load_tensors, verify
 from sift_cli.config import ConfigError
 from sift_cli.records import Recorder, read_metrics
 from sift_cli.train import STAMP, run, run_stamp
@@ -189,8 +189,15 @@ def test_a_failed_checkpoint_write_warns_and_training_goes_on(corpus_file, tmp_p
         done = run(make_config(overrides("sift", corpus_file)), tmp_path)
     assert done["status"] == "completed" and done["steps"] == 6
     assert sorted(p.name for p in tmp_path.glob("checkpoints/step-*")) == ["step-000000002", "step-000000006"]
-    assert load(tmp_path / "checkpoints/step-000000002") is not None  # the previous one stayed intact
+    assert verify(tmp_path / "checkpoints/step-000000002") is not None  # the previous one stayed intact
     assert not leftovers(tmp_path)
+
+
+def test_a_checkpoint_no_process_can_read_is_one_line_naming_the_rank(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ConfigError, match=r"could not be read by every process \(rank 0: .+\); resuming needs the "
+                                          r"run folder on a file system that every process sees$"):
+        load_tensors(tmp_path)
 
 
 # --- the run folder: one run per folder, reruns resume, extend or skip ------------------------

@@ -1,5 +1,6 @@
 """The step and what surrounds it: the schedule's unit, an honest clock, compilation, throughput, small UX."""
 
+import contextlib
 import logging
 import math
 import re
@@ -14,7 +15,7 @@ from sift_cli import hardware
 from sift_cli.config import ConfigError
 from sift_cli.records import read_metrics
 from sift_cli.train import run
-from sift_cli.trainer import Clock, Gate, batch_stream, lr_factor
+from sift_cli.trainer import Clock, Gate, Selection, batch_stream, lr_factor, train_step
 
 
 @pytest.mark.parametrize("progress,shape,expected", [
@@ -101,6 +102,41 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(corpus_file, tmp
     with pytest.warns(UserWarning, match=r"trainer.compile: torch.compile failed \(RuntimeError: no compiler here\)"):
         summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true")), tmp_path)
     assert summary["compile_time_s"] == 0 and summary["steps"] == 6
+
+
+class _IntoBuffer(torch.autograd.Function):
+    """Writes the loss into a fixed buffer and returns that buffer, as a CUDA graph's replay returns its
+    static output, which the next replay overwrites."""
+
+    @staticmethod
+    def forward(ctx, loss, buffer):
+        ctx.mark_dirty(buffer)
+        return buffer.copy_(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class StaticOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.register_buffer("out", torch.zeros(()))
+
+    def forward(self, batch):
+        return _IntoBuffer.apply((self.weight * batch["x"]).mean(), self.out.detach())  # same storage, no history
+
+
+def test_the_losses_kept_until_an_evaluation_survive_the_next_step():
+    model = StaticOutput()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sel = Selection(1.0, "loss", 4, 4, 0, "local", torch.device("cpu"))
+    first, _ = train_step(model, None, {"x": torch.arange(4.0)}, optimizer, contextlib.nullcontext, sel, 0)
+    assert first.item() == 1.5
+    second, _ = train_step(model, None, {"x": torch.full((4,), 7.0)}, optimizer, contextlib.nullcontext, sel, 1)
+    assert model.out.item() == second.item() != 1.5 and first.item() == 1.5  # the model's output was overwritten
+    assert model.weight.item() != 1.0  # the step trained through the buffer
 
 
 def test_throughput_and_mfu_are_recorded(corpus_file, tmp_path, monkeypatch):
