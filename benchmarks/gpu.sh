@@ -1,11 +1,11 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-# SIFT on one GPU within one device call (at most 10 min): the step cost of BERT-base at 256x128 eager,
-# compiled and under CUDA graphs (host syncs, GPU kernel time and busy share, MFU), then a time-to-accuracy
+# SIFT on one GPU within one device call (at most 10 min): the step cost of BERT-base at 256x128 eager
+# and compiled under CUDA graphs (host syncs, GPU kernel time and busy share, MFU), then a time-to-accuracy
 # race of vanilla, SIFT and random, one seed after another until the budget runs out (each seed's report
 # is complete). The first line brings hydra-core, omegaconf and antlr4 from the wheels in .whl/ (the lent
 # machine lacks them; `pip download` them, see benchmarks/README.md); the repo is the working directory.
 #
-#   bash benchmarks/gpu.sh [all|step|race|big]   all (default): step, then race; big: 512x128, compiled only
+#   bash benchmarks/gpu.sh [all|step|race|big]   all (default): step, then race; big: 512x128, CUDA graphs only
 #   GPU_BUDGET_S=550         seconds this call may take in all (the device tool's limit is 600 per call)
 #   RACE_COMPILE=false RACE_COMPILE_MODE=null    the race's trainer.compile and trainer.compile_mode
 #   GPU_DRY=1 OUT=/tmp/out PATH=$PWD/.venv/bin:$PATH bash -c 'sed 1d benchmarks/gpu.sh | bash -s -- all'
@@ -19,10 +19,12 @@ export OMP_WAIT_POLICY=PASSIVE PYTHONUNBUFFERED=1 SIFT_CACHE=${SIFT_CACHE:-/tmp/
 deadline=$((SECONDS + ${GPU_BUDGET_S:-550}))
 left() { local s=$((deadline - SECONDS - $1)); echo $((s > 1 ? s : 1)); }  # seconds to the deadline, less a margin
 
+# eager and under CUDA graphs; the default compile mode was measured before (results/gpu-h100-static/), and
+# every compiled fit() traces anew (fit() resets torch.compile's caches at its end, as a sweep needs): ~20 s each
 step=(--model bert:256x128 --exits 1 --fracs 0.5 --reps 2 --warmup 3 --steps 10 --max-profiles 0
-      --compile off,on,reduce-overhead --device cuda)
-big=(--model bert:512x128 --exits 1 --fracs 0.5 --reps 2 --warmup 3 --steps 10 --max-profiles 0
-     --compile on,reduce-overhead --device cuda)
+      --compile off,reduce-overhead --device cuda)
+big=(--model bert:512x128 --exits 1 --fracs 0.5 --reps 1 --warmup 3 --steps 10 --max-profiles 0
+     --compile reduce-overhead --device cuda)
 # BERT-Small learns within 20 s at this size (BERT-base does not leave its first plateau in 40 s); the corpus
 # and shapes are the step cost's (the standard library's docstrings, vocabulary 8192, 256x128)
 race=(model=bert_small trainer.batch_size=256 'data.packages=[]' data.vocab_size=8192 data.seq_len=128
@@ -30,10 +32,10 @@ race=(model=bert_small trainer.batch_size=256 'data.packages=[]' data.vocab_size
       "trainer.compile_mode=${RACE_COMPILE_MODE:-null}")
 race_args=(--experiment tta_gpu --arms vanilla,sift-loss,random --lrs 1e-3)
 if [[ -n "${GPU_DRY:-}" ]]; then  # the same commands on the CPU, small enough to finish in minutes
-  step=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0
-        --compile off,on,reduce-overhead --diagnose --device cpu)
+  step=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 2 --warmup 1 --steps 2 --max-profiles 0
+        --compile off,reduce-overhead --diagnose --device cpu)
   big=(--model bert_tiny:8x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0
-       --compile on --diagnose --device cpu)
+       --compile reduce-overhead --diagnose --device cpu)
   race=(model=bert_tiny trainer.batch_size=8 trainer.max_time_s=4 trainer.eval_every_s=2 trainer.device=cpu
         data.seq_len=32 data.max_val_samples=16 "trainer.compile=${RACE_COMPILE:-false}"
         "trainer.compile_mode=${RACE_COMPILE_MODE:-null}")
@@ -47,11 +49,11 @@ if [[ $PART == all || $PART == race ]]; then
   # the race's corpus (about a minute of parsing, then cached) is built on the CPU while the GPU times steps
   python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from common import app_config; \
 from hydra.utils import instantiate; instantiate(app_config(['experiment=tta_gpu', *sys.argv[1:]]).data)" \
-    "${race[@]}" > "$OUT/corpus.log" 2>&1 & corpus=$!
+    "${race[@]}" > /tmp/corpus.log 2>&1 & corpus=$!
 fi
 
 if [[ $PART == all || $PART == step ]]; then
-  # vanilla, the hand-written loops, random and SIFT (k=1, frac 0.5): eager, compiled, compiled with CUDA graphs
+  # vanilla, the hand-written loops, random and SIFT (k=1, frac 0.5): eager, and compiled with CUDA graphs
   timeout "$(left 200)" python3 benchmarks/step_cost.py "${step[@]}" --out "$OUT/step_cost.md" || echo "step cost: exit $?"
 fi
 if [[ $PART == big ]]; then
@@ -59,7 +61,7 @@ if [[ $PART == big ]]; then
 fi
 
 if [[ $PART == all || $PART == race ]]; then
-  wait "$corpus" || { echo "gpu.sh: building the race's corpus failed:"; tail -5 "$OUT/corpus.log"; exit 1; }
+  wait "$corpus" || { echo "gpu.sh: building the race's corpus failed:"; tail -5 /tmp/corpus.log; exit 1; }
   # one seed more per call, in the same folder (finished runs are kept): each call's report covers every seed
   # so far, and a call cut short by the deadline leaves the previous report standing
   seeds=""

@@ -42,7 +42,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from common import RESULTS, app_config, command_line, machine, markdown_table, spread
-from sift_cli.config import step_sizes, validate
+from sift_cli.config import first_line, step_sizes, validate
 from sift_cli.records import METRICS
 from sift_cli.hardware import synchronize
 from sift_cli.trainer import Clock, Selection, autocast_for, compile_step, fit, scorer, to_device, train_step
@@ -175,6 +175,7 @@ class Bench:
         self.batches = [to_device(self.data.train_batch(i, setting.batch, base.seed), device)
                         for i in range(warmup + steps)]
         self.mfu: dict[Arm, list[float]] = {}
+        self.compile_s: dict[Arm, list[float]] = {}  # fit()'s compile_time_s: 0 when it fell back to eager
 
     def overrides(self, arm: Arm) -> list[str]:
         return overrides(self.setting, arm, self.warmup, self.steps, str(self.device), self.extra)
@@ -188,7 +189,8 @@ class Bench:
         if arm.kind in ("minimal", "textbook"):
             return self._hand_written(arm.kind)
         record = MemoryRecord()
-        run_fit(self, self.config(arm), record)
+        totals = run_fit(self, self.config(arm), record)
+        self.compile_s.setdefault(arm, []).append(totals["compile_time_s"])
         clock = {row["step"]: row["train_time_s"] for row in record.rows}
         last = record.rows[-1]  # the window of the timed steps: the trainer's own throughput figures
         self.mfu.setdefault(arm, []).append(last.get("mfu", last.get("tflops", float("nan"))))
@@ -288,7 +290,9 @@ class Bench:
                     step(batch, i)
                 synchronize(self.device)
         except Exception as err:
-            return f"n/a ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})", None
+            return f"n/a ({type(err).__name__}: {first_line(err)})", None
+        finally:
+            torch.compiler.reset()  # as fit() does: the next arm's graphs (and CUDA graph pools) replace these
         kernels = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
         for event in prof.events():
             if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
@@ -367,6 +371,13 @@ def measure(bench: Bench, arms: list[Arm], reps: int) -> dict[Arm, list[float]]:
     return times
 
 
+def compile_cell(arm: Arm, seconds: Optional[list[float]]) -> str:
+    """fit()'s compile_time_s; a compiled arm at 0 fell back to eager (its warning is in the log)."""
+    if arm.mode is None or not seconds:
+        return "-"
+    return "failed: eager" if min(seconds) == 0 else f"{statistics.median(seconds):.0f}"
+
+
 def diagnostic_cells(bench: Bench, arm: Arm, seconds_per_step: float) -> list[str]:
     """Host syncs, the GPU's kernel time per step by kind, and that time over the wall time of a step."""
     if not arm.fits:
@@ -405,7 +416,8 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
         mfu = bench.mfu.get(arm)
         rows.append([arm.label, spread([t * 1e3 for t in ts]), f"{setting.batch / statistics.median(ts):,.0f}",
                      spread(ratios), f"{floor:.3f}" if floor else "-", f"{simple:.3f}" if simple else "-",
-                     spread(excess) if excess else "-", f"{statistics.median(mfu):.3g}" if mfu else "-"]
+                     spread(excess) if excess else "-", f"{statistics.median(mfu):.3g}" if mfu else "-",
+                     compile_cell(arm, bench.compile_s.get(arm))]
                     + (diagnostic_cells(bench, arm, statistics.median(ts)) if diagnose else []))
         if arm.kind == "sift" and statistics.median(excess) > LIMIT:
             over.append((statistics.median(excess), arm))
@@ -418,7 +430,7 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
             + ", ".join(f"k={k} {f / 1e9:.2f} GFLOP ({f / vanilla_flops:.3f} of vanilla)"
                         for k, f in sorted(score_flops.items())) + ".", "",
             markdown_table(["arm", "ms/step", "samples scored/s", "t / t_vanilla", "FLOP floor", "k/(3L)+frac",
-                            "measured/floor", "MFU" if on_gpu else "TFLOP/s"]
+                            "measured/floor", "MFU" if on_gpu else "TFLOP/s", "compile s"]
                            + (["host syncs/step", "GPU kernels ms/step (matmul, attention, other)", "GPU busy"]
                               if diagnose else []), rows), "",
             f"Vanilla arm against the hand-written loop: t_vanilla / t_minimal = "

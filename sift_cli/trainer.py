@@ -583,6 +583,8 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         if state.last_eval_step != state.step and request != PREEMPTED:
             log_eval()
         save_checkpoint()  # at the end and on any stop
+    if loss_model is not model:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
+        torch.compiler.reset()
 
     status = {RUNNING: "completed", INTERRUPTED: "interrupted", PREEMPTED: "preempted"}[int(request)]
     return {
