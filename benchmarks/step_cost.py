@@ -176,6 +176,7 @@ class Bench:
                         for i in range(warmup + steps)]
         self.mfu: dict[Arm, list[float]] = {}
         self.compile_s: dict[Arm, list[float]] = {}  # fit()'s compile_time_s: 0 when it fell back to eager
+        self.no_graphs: set[Arm] = set()  # arms whose CUDA graphs torch.compile left out (fit() warns)
 
     def overrides(self, arm: Arm) -> list[str]:
         return overrides(self.setting, arm, self.warmup, self.steps, str(self.device), self.extra)
@@ -189,7 +190,13 @@ class Bench:
         if arm.kind in ("minimal", "textbook"):
             return self._hand_written(arm.kind)
         record = MemoryRecord()
-        totals = run_fit(self, self.config(arm), record)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            totals = run_fit(self, self.config(arm), record)
+        for w in caught:  # passed on as they came
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if any("left CUDA graphs out" in str(w.message) for w in caught):
+            self.no_graphs.add(arm)
         self.compile_s.setdefault(arm, []).append(totals["compile_time_s"])
         clock = {row["step"]: row["train_time_s"] for row in record.rows}
         last = record.rows[-1]  # the window of the timed steps: the trainer's own throughput figures
@@ -371,11 +378,15 @@ def measure(bench: Bench, arms: list[Arm], reps: int) -> dict[Arm, list[float]]:
     return times
 
 
-def compile_cell(arm: Arm, seconds: Optional[list[float]]) -> str:
-    """fit()'s compile_time_s; a compiled arm at 0 fell back to eager (its warning is in the log)."""
+def compile_cell(bench: Bench, arm: Arm) -> str:
+    """fit()'s compile_time_s; a compiled arm at 0 fell back to eager, and one fit() warned about ran without
+    CUDA graphs (both warnings are in the log)."""
+    seconds = bench.compile_s.get(arm)
     if arm.mode is None or not seconds:
         return "-"
-    return "failed: eager" if min(seconds) == 0 else f"{statistics.median(seconds):.0f}"
+    if min(seconds) == 0:
+        return "failed: eager"
+    return f"{statistics.median(seconds):.0f}" + (" (no CUDA graphs)" if arm in bench.no_graphs else "")
 
 
 def diagnostic_cells(bench: Bench, arm: Arm, seconds_per_step: float) -> list[str]:
@@ -417,7 +428,7 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
         rows.append([arm.label, spread([t * 1e3 for t in ts]), f"{setting.batch / statistics.median(ts):,.0f}",
                      spread(ratios), f"{floor:.3f}" if floor else "-", f"{simple:.3f}" if simple else "-",
                      spread(excess) if excess else "-", f"{statistics.median(mfu):.3g}" if mfu else "-",
-                     compile_cell(arm, bench.compile_s.get(arm))]
+                     compile_cell(bench, arm)]
                     + (diagnostic_cells(bench, arm, statistics.median(ts)) if diagnose else []))
         if arm.kind == "sift" and statistics.median(excess) > LIMIT:
             over.append((statistics.median(excess), arm))

@@ -611,16 +611,21 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
 
 def compile_step(model, core, cfg, batch, optimizer, autocast, sel, step, device):
     """torch.compile the scoring pass and the training forward/backward, warmed up on a batch before the
-    clock starts (state restored afterwards). A failure falls back to eager with a one-line warning."""
+    clock starts (state restored afterwards). A failure falls back to eager with a one-line warning; CUDA
+    graphs asked for but left out (a CPU, mutated buffers such as batch norm's) cost a one-line warning too,
+    since torch.compile itself says so only under TORCH_LOGS=cudagraphs."""
     import warnings
 
+    from torch._dynamo.utils import counters  # where inductor counts the graphs it could not capture
+
     mode = cfg.trainer.compile_mode
+    graphs = bool(mode and "reduce-overhead" in mode)
     compile_fn = functools.partial(torch.compile, mode=mode, dynamic=False)
-    start = time.perf_counter()
+    skips, start = counters["inductor"]["cudagraph_skips"], time.perf_counter()
     try:
         score_fn = scorer(core, cfg.exit_layer, cfg.criterion, compile_fn)
         compiled = compile_fn(model)
-        for _ in range(3 if mode and "reduce-overhead" in mode else 1):  # CUDA graphs record on a later call
+        for _ in range(3 if graphs else 1):  # CUDA graphs record on a later call
             with restored(core, optimizer):
                 train_step(compiled, score_fn, batch, NoStep(optimizer), autocast, sel, step)
         synchronize(device)
@@ -628,4 +633,8 @@ def compile_step(model, core, cfg, batch, optimizer, autocast, sel, step, device
         warnings.warn(f"trainer.compile: torch.compile failed ({type(err).__name__}: {first_line(err)}); "
                       f"training eagerly")
         return scorer(core, cfg.exit_layer, cfg.criterion), model, 0.0
+    if graphs and counters["inductor"]["cudagraph_skips"] > skips:
+        warnings.warn(f"trainer.compile_mode={mode}: torch.compile left CUDA graphs out of "
+                      f"{counters['inductor']['cudagraph_skips'] - skips} compiled graph(s) on {device.type} "
+                      f"(TORCH_LOGS=cudagraphs says why); those run compiled, without CUDA graphs")
     return score_fn, compiled, time.perf_counter() - start

@@ -94,6 +94,16 @@ def test_trainer_compile_on_the_cpu_records_its_time_and_trains(corpus_file, tmp
     assert summary["compile_time_s"] > summary["train_time_s"] / 100  # compiling is not free, and it is off the clock
 
 
+def test_cuda_graphs_left_out_are_one_warning_and_the_run_trains_compiled(corpus_file, tmp_path):
+    # on a CPU inductor captures no CUDA graph: what a user who asks for them there, or whose model mutates
+    # buffers on a GPU, must be told, since torch.compile says so only under TORCH_LOGS
+    with pytest.warns(UserWarning, match=r"trainer.compile_mode=reduce-overhead: torch.compile left CUDA graphs out "
+                                         r"of \d+ compiled graph\(s\) on cpu \(TORCH_LOGS=cudagraphs says why\)"):
+        summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true",
+                                                 "trainer.compile_mode=reduce-overhead", "trainer.max_steps=3")), tmp_path)
+    assert summary["status"] == "completed" and summary["compile_time_s"] > 0 and summary["steps"] == 3
+
+
 def test_a_compile_failure_falls_back_to_eager_with_one_warning(corpus_file, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here\nsecond line")
