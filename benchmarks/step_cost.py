@@ -42,7 +42,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from common import RESULTS, app_config, command_line, machine, markdown_table, spread
-from sift_cli.config import first_line, step_sizes, validate
+from sift_cli.config import first_line, validate
 from sift_cli.records import METRICS
 from sift_cli.hardware import synchronize
 from sift_cli.trainer import Clock, Selection, autocast_for, compile_step, fit, scorer, to_device, train_step
@@ -265,8 +265,7 @@ class Bench:
         function of (batch, step): for the diagnostics that watch single steps."""
         cfg = self.config(arm)
         optimizer = instantiate(cfg.trainer.optimizer)(params=self.model.parameters())
-        scored, kept = step_sizes(self.setting.batch, arm.frac, "scored")
-        sel = Selection(arm.frac, cfg.criterion, scored, kept, 0, "local", self.device)
+        sel = Selection.for_run(cfg, self.device)
         score_fn, loss_model = scorer(self.model, arm.exit_layer, cfg.criterion), self.model
         if arm.mode:
             score_fn, loss_model, _ = compile_step(self.model, self.model, cfg, self.batches[0], optimizer,

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -192,6 +193,14 @@ class Selection:
     device: torch.device
     world: int = 1
     rank: int = 0
+
+    @classmethod
+    def for_run(cls, cfg, device: torch.device) -> "Selection":
+        """What a run's config asks of this process: its share of trainer.batch_size, scored and kept."""
+        t, world = cfg.trainer, distributed.world()
+        scored, kept = step_sizes(t.batch_size // world, cfg.frac, t.batch_mode)
+        return cls(cfg.frac, cfg.criterion, scored, kept, cfg.seed, t.selection_scope, device, world,
+                   distributed.rank())
 
     @property
     def gathered(self) -> bool:
@@ -413,7 +422,8 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     """Train until a budget runs out or a stop is requested. Returns the totals for summary.json."""
     t = cfg.trainer
     world, rank = distributed.world(), distributed.rank()
-    scored, kept = step_sizes(t.batch_size // world, cfg.frac, t.batch_mode)
+    sel = Selection.for_run(cfg, device)
+    scored, kept = sel.scored, sel.kept
     if data.num_train < scored * world:
         raise ConfigError(f"trainer.batch_size draws {scored * world} samples per step but the training set has "
                           f"{data.num_train}; use a smaller batch or more data")
@@ -434,7 +444,6 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     model = distributed.wrap(model, device)
     core = distributed.unwrap(model)
     autocast = autocast_for(t.precision, device)
-    sel = Selection(cfg.frac, cfg.criterion, scored, kept, cfg.seed, t.selection_scope, device, world, rank)
     val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size, rank, world)]
     if not val:
         raise ConfigError(f"the validation set has too few samples to give each of {world} processes one")
@@ -614,8 +623,6 @@ def compile_step(model, core, cfg, batch, optimizer, autocast, sel, step, device
     clock starts (state restored afterwards). A failure falls back to eager with a one-line warning; CUDA
     graphs asked for but left out (a CPU, mutated buffers such as batch norm's) cost a one-line warning too,
     since torch.compile itself says so only under TORCH_LOGS=cudagraphs."""
-    import warnings
-
     from torch._dynamo.utils import counters  # where inductor counts the graphs it could not capture
 
     mode = cfg.trainer.compile_mode
