@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from hydra.utils import instantiate
@@ -45,7 +45,7 @@ from common import RESULTS, app_config, command_line, machine, markdown_table, s
 from sift_cli.config import first_line, validate
 from sift_cli.records import METRICS
 from sift_cli.hardware import synchronize
-from sift_cli.trainer import Clock, Selection, autocast_for, compile_step, fit, scorer, to_device, train_step
+from sift_cli.trainer import Clock, Selection, Step, autocast_for, fit, prepare_step, to_device
 
 TARGET = ("bert_mini", 32, 1, 0.5)  # (model, batch, exit, frac) where measured/floor must stay <= 1.05
 LIMIT = 1.05
@@ -260,17 +260,13 @@ class Bench:
         return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.self_device_time_total / 1e3 / steps,
                         e.count / steps) for e in prof.key_averages()}
 
-    def step_fn(self, arm: Arm) -> Callable[[dict, int], object]:
-        """The arm's train_step as fit() builds it (optimizer, selection, scoring pass, compiled alike), as a
+    def step_fn(self, arm: Arm) -> Step:
+        """The arm's step as fit() prepares it (optimizer, selection, scoring pass, compiled alike), as a
         function of (batch, step): for the diagnostics that watch single steps."""
         cfg = self.config(arm)
         optimizer = instantiate(cfg.trainer.optimizer)(params=self.model.parameters())
-        sel = Selection.for_run(cfg, self.device)
-        score_fn, loss_model = scorer(self.model, arm.exit_layer, cfg.criterion), self.model
-        if arm.mode:
-            score_fn, loss_model, _ = compile_step(self.model, self.model, cfg, self.batches[0], optimizer,
-                                                   self.autocast, sel, 0, self.device)
-        return lambda batch, step: train_step(loss_model, score_fn, batch, optimizer, self.autocast, sel, step)
+        return prepare_step(self.model, cfg, optimizer, Selection.for_run(cfg, self.device), self.autocast,
+                            self.batches[0], 0, self.device)
 
     def step_diagnostics(self, arm: Arm, steps: int = 3) -> tuple[str, Optional[dict[str, float]]]:
         """Host syncs in one train_step (torch.cuda.set_sync_debug_mode; CUDA only), and the GPU's kernel time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -295,6 +296,70 @@ class NoStep:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
+@dataclass
+class Step:
+    """train_step bound to a run's model (wrapped, compiled or not), scoring pass, optimizer and selection:
+    a function of (batch, step number), with what was learnt about it before the clock started."""
+
+    model: Callable  # whose call is the training loss: the module, DDP's wrapper or torch.compile's
+    score: Callable
+    optimizer: torch.optim.Optimizer
+    autocast: Callable
+    sel: Selection
+    flops: int = 0  # model FLOPs of one step (FlopCounterMode)
+    compiled: bool = False
+    compile_time_s: float = 0.0
+
+    def __call__(self, batch: dict, step: int, update: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        optimizer = self.optimizer if update else NoStep(self.optimizer)
+        return train_step(self.model, self.score, batch, optimizer, self.autocast, self.sel, step)
+
+
+def prepare_step(model, cfg, optimizer, sel: Selection, autocast, batch: dict, step: int,
+                 device: torch.device) -> Step:
+    """The run's step, ready before the clock starts: its FLOPs counted once on a batch, then compiled if
+    trainer.compile asks (auto: on CUDA); neither changes any state."""
+    core = distributed.unwrap(model)
+    run_step = Step(model, scorer(core, cfg.exit_layer, cfg.criterion), optimizer, autocast, sel)
+    with restored(core, optimizer):
+        run_step.flops = count_flops(functools.partial(run_step, batch, step, update=False))
+    asked = str(cfg.trainer.compile).lower()
+    if asked == "true" or (asked == "auto" and device.type == "cuda"):
+        run_step = compile_step(run_step, cfg, batch, step, device)
+    return run_step
+
+
+def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device) -> Step:
+    """torch.compile the scoring pass and the training forward/backward, warmed up on a batch before the
+    clock starts (state restored afterwards). A failure falls back to eager with a one-line warning; CUDA
+    graphs asked for but left out (a CPU, mutated buffers such as batch norm's) cost a one-line warning too,
+    since torch.compile itself says so only under TORCH_LOGS=cudagraphs."""
+    from torch._dynamo.utils import counters  # where inductor counts the graphs it could not capture
+
+    mode = cfg.trainer.compile_mode
+    graphs = bool(mode and "reduce-overhead" in mode)
+    compile_fn = functools.partial(torch.compile, mode=mode, dynamic=False)
+    core = distributed.unwrap(eager.model)
+    skips, start = counters["inductor"]["cudagraph_skips"], time.perf_counter()
+    try:
+        compiled = dataclasses.replace(eager, model=compile_fn(eager.model), compiled=True,
+                                       score=scorer(core, cfg.exit_layer, cfg.criterion, compile_fn))
+        for _ in range(3 if graphs else 1):  # CUDA graphs record on a later call
+            with restored(core, eager.optimizer):
+                compiled(batch, step, update=False)
+        synchronize(device)
+    except Exception as err:  # an unsupported op or backend: eager still trains correctly
+        warnings.warn(f"trainer.compile: torch.compile failed ({type(err).__name__}: {first_line(err)}); "
+                      f"training eagerly")
+        return eager
+    if graphs and counters["inductor"]["cudagraph_skips"] > skips:
+        warnings.warn(f"trainer.compile_mode={mode}: torch.compile left CUDA graphs out of "
+                      f"{counters['inductor']['cudagraph_skips'] - skips} compiled graph(s) on {device.type} "
+                      f"(TORCH_LOGS=cudagraphs says why); those run compiled, without CUDA graphs")
+    compiled.compile_time_s = time.perf_counter() - start
+    return compiled
+
+
 # --- evaluation and diagnostics ---------------------------------------------------------------
 
 
@@ -449,22 +514,14 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         raise ConfigError(f"the validation set has too few samples to give each of {world} processes one")
     gate = Gate() if data.num_workers else None
     stream = batch_stream(data, scored * world, cfg.seed, state.step, device, gate)
-    score_fn, loss_model = scorer(core, cfg.exit_layer, cfg.criterion), model
     unit = t.schedule_unit
     horizon = {"steps": t.max_steps, "time": t.max_time_s,
                "samples": t.max_steps * t.batch_size if t.max_steps else None}[unit]
     max_steps, max_time = t.max_steps or math.inf, t.max_time_s or math.inf
     clock, wall_start = Clock(device, state.train_time_s), time.perf_counter()
 
-    # before the clock: count the step's FLOPs once, then compile; neither changes any state
     first = to_device(next(stream), device)
-    probe = functools.partial(train_step, model, score_fn, first, NoStep(optimizer), autocast, sel, state.step)
-    with restored(core, optimizer):
-        flops_per_step = count_flops(probe)
-    compile_time_s = 0.0
-    if str(t.compile).lower() == "true" or (str(t.compile).lower() == "auto" and device.type == "cuda"):
-        score_fn, loss_model, compile_time_s = compile_step(model, core, cfg, first, optimizer, autocast, sel,
-                                                            state.step, device)
+    run_step = prepare_step(model, cfg, optimizer, sel, autocast, first, state.step, device)
     peak = peak_flops(device)
     marks = {"step": state.step, "time": state.train_time_s}  # where the current evaluation window began
 
@@ -473,7 +530,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         marks.update(step=state.step, time=clock.total)
         if not steps or seconds <= 0:
             return {}
-        tflops = flops_per_step * steps / seconds / 1e12
+        tflops = run_step.flops * steps / seconds / 1e12
         return {"tflops": tflops, **({"mfu": tflops * 1e12 / peak} if peak else {})}
 
     def settle_window() -> None:
@@ -550,7 +607,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
             torch.manual_seed(seed_of(cfg.seed, "dropout", state.step, rank))  # dropout: a function of the step
-            state.window.append(train_step(loss_model, score_fn, batch, optimizer, autocast, sel, state.step))
+            state.window.append(run_step(batch, state.step))
             batch = None
             state.step += 1
             state.samples_seen += scored * world
@@ -592,7 +649,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         if state.last_eval_step != state.step and request != PREEMPTED:
             log_eval()
         save_checkpoint()  # at the end and on any stop
-    if loss_model is not model:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
+    if run_step.compiled:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
         torch.compiler.reset()
 
     status = {RUNNING: "completed", INTERRUPTED: "interrupted", PREEMPTED: "preempted"}[int(request)]
@@ -605,8 +662,8 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         "lost_time_s": state.lost_time_s,
         "restarts": state.restarts,
         "data_time_s": state.data_time_s,
-        "compile_time_s": compile_time_s,
-        "flops_per_step": flops_per_step,
+        "compile_time_s": run_step.compile_time_s,
+        "flops_per_step": run_step.flops,
         "samples_seen": state.samples_seen,
         "samples_backpropagated": state.samples_backpropagated,
         "samples_scored_per_step": scored * world,
@@ -617,31 +674,3 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         "best_val_acc": max((r["val_acc"] for r in record.rows), default=None),
     }
 
-
-def compile_step(model, core, cfg, batch, optimizer, autocast, sel, step, device):
-    """torch.compile the scoring pass and the training forward/backward, warmed up on a batch before the
-    clock starts (state restored afterwards). A failure falls back to eager with a one-line warning; CUDA
-    graphs asked for but left out (a CPU, mutated buffers such as batch norm's) cost a one-line warning too,
-    since torch.compile itself says so only under TORCH_LOGS=cudagraphs."""
-    from torch._dynamo.utils import counters  # where inductor counts the graphs it could not capture
-
-    mode = cfg.trainer.compile_mode
-    graphs = bool(mode and "reduce-overhead" in mode)
-    compile_fn = functools.partial(torch.compile, mode=mode, dynamic=False)
-    skips, start = counters["inductor"]["cudagraph_skips"], time.perf_counter()
-    try:
-        score_fn = scorer(core, cfg.exit_layer, cfg.criterion, compile_fn)
-        compiled = compile_fn(model)
-        for _ in range(3 if graphs else 1):  # CUDA graphs record on a later call
-            with restored(core, optimizer):
-                train_step(compiled, score_fn, batch, NoStep(optimizer), autocast, sel, step)
-        synchronize(device)
-    except Exception as err:  # an unsupported op or backend: eager still trains correctly
-        warnings.warn(f"trainer.compile: torch.compile failed ({type(err).__name__}: {first_line(err)}); "
-                      f"training eagerly")
-        return scorer(core, cfg.exit_layer, cfg.criterion), model, 0.0
-    if graphs and counters["inductor"]["cudagraph_skips"] > skips:
-        warnings.warn(f"trainer.compile_mode={mode}: torch.compile left CUDA graphs out of "
-                      f"{counters['inductor']['cudagraph_skips'] - skips} compiled graph(s) on {device.type} "
-                      f"(TORCH_LOGS=cudagraphs says why); those run compiled, without CUDA graphs")
-    return score_fn, compiled, time.perf_counter() - start
