@@ -75,6 +75,17 @@ def test_sift_with_global_selection_on_two_processes_matches_one(corpus_file, tm
     assert_same_curves(rows, single["sift"])
 
 
+
+def test_compiled_sift_on_two_processes_matches_one_eager(corpus_file, tmp_path, single):
+    # torch.compile of the DDP-wrapped model (dynamo splits its graph at DDP's buckets) beside the gathers of
+    # a global selection: what trainer.compile=auto does under torchrun on GPUs
+    out = torchrun(*tiny_overrides(corpus_file, NO_DROPOUT, "frac=0.5", GLOBAL, "trainer.compile=true"),
+                   f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch.compile failed" not in out.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["compile_time_s"] > 0
+    assert_same_curves(read_metrics(tmp_path), single["sift"])
+
 COUNTING = """
 import atexit, json, os
 from sift_cli.models.bert import BertMLM
