@@ -334,7 +334,7 @@ def test_known_answer_changes_exactly_the_asked_number_of_training_samples(corpu
 @pytest.mark.parametrize("key,value,message", [
     ("max_predictions", 0, "data.max_predictions=0 is not allowed; each sequence needs at least one masked"),
     ("val_fraction", 1.0, "data.val_fraction=1.0 is not allowed; use a fraction in (0, 1)"),
-    ("noise_fraction", -0.1, "data.noise_fraction=-0.1 is not allowed; use a fraction in [0, 1)"),
+    ("noise_fraction", -0.1, "data.noise_fraction=-0.1 must lie in [0, 1) (0 leaves the training set as it is)"),
     ("max_tokens", 0, "data.max_tokens=0 is not allowed; use a positive number, or null"),
 ])
 def test_bad_values_name_the_key(corpus_file, tmp_path, key, value, message):

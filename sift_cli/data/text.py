@@ -607,9 +607,6 @@ def _check(seq_len, val_fraction, max_val_samples, mlm_probability, max_predicti
     for key, value in (("max_documents", max_documents), ("max_tokens", max_tokens)):
         if value is not None and value < 1:
             fail(key, value, "use a positive number, or null for no cap")
-    for key, value in (("duplicate_fraction", duplicate_fraction), ("noise_fraction", noise_fraction)):
-        if not 0 <= value < 1:
-            fail(key, value, "use a fraction in [0, 1)")
     check_known_answer(duplicate_fraction, duplicate_pool, noise_fraction)  # what every data choice checks
 
 
