@@ -39,6 +39,7 @@ if [[ -n "${GPU_DRY:-}" ]]; then  # the same commands on the CPU, small enough t
   race=(model=bert_tiny trainer.batch_size=8 trainer.max_time_s=4 trainer.eval_every_s=2 trainer.device=cpu
         data.seq_len=32 data.max_val_samples=16 "trainer.compile=${RACE_COMPILE:-false}"
         "trainer.compile_mode=${RACE_COMPILE_MODE:-null}")
+  rm -rf /tmp/tta-gpu  # a rehearsal starts afresh: the race keeps finished runs, which would not run again
 else
   python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/nvidia-smi.csv"
