@@ -1,0 +1,45 @@
+"""benchmarks/step_cost.py at a tiny size: the instrument a lent GPU runs once must run, and its floor must be
+the arithmetic of its own FLOP counts."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import step_cost  # noqa: E402
+
+
+def table(report: str) -> dict[str, dict[str, str]]:
+    lines = [line for line in report.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+
+
+def test_step_cost_reports_every_arm_with_its_flop_floor_and_diagnostics(corpus_file, tmp_path, monkeypatch):
+    out = tmp_path / "step_cost.md"
+    data = ["data=text_files", f"data.paths=[{corpus_file}]", "data.vocab_size=200", "data.val_fraction=0.2"]
+    monkeypatch.setattr(sys, "argv", [
+        "step_cost.py", "--model", "bert_tiny:4x32", "--exits", "1", "--fracs", "0.5", "--reps", "1", "--warmup", "1",
+        "--steps", "2", "--max-profiles", "0", "--diagnose", "--device", "cpu", "--out", str(out),
+        *[arg for override in data for arg in ("--set", override)]])
+    step_cost.main()
+    report = out.read_text()
+    rows = table(report)
+    assert list(rows) == ["vanilla", "minimal", "textbook", "random f=0.5", "sift k=1 f=0.5"]
+    for arm, row in rows.items():
+        assert float(row["ms/step"].split()[0]) > 0, arm
+    scoring = float(re.search(r"scoring pass: k=1 [\d.]+ GFLOP \(([\d.]+) of vanilla\)", report).group(1))
+    assert 0 < scoring < 1
+    sift, random, vanilla = rows["sift k=1 f=0.5"], rows["random f=0.5"], rows["vanilla"]
+    assert float(sift["FLOP floor"]) == pytest.approx(scoring + 0.5, abs=2e-3)  # counted: scoring pass + frac
+    assert float(sift["k/(3L)+frac"]) == pytest.approx(1 / 6 + 0.5, abs=1e-3)  # bert_tiny: L=2
+    assert (random["FLOP floor"], vanilla["FLOP floor"], vanilla["t / t_vanilla"].split()[0]) == ("0.500", "1.000",
+                                                                                                  "1.000")
+    # the diagnostics ran on the step prepare_step builds (on a CPU: no CUDA kernels, no sync counter)
+    assert sift["host syncs/step"] == "-" and sift["compile s"] == "-"
+    assert "Fixed cost per step" in report
