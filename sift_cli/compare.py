@@ -322,11 +322,14 @@ def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict
     """One table row as numbers: what the CSV holds and the terminal and markdown tables format."""
     s = group.first
     final = mean_std([r.summary["final_val_acc"] for r in group.runs])
+    step_ms = [1e3 * r.summary["train_time_s"] / r.summary["steps"] for r in group.runs if r.summary.get("steps")]
+    step_ms = mean_std(step_ms) if len(step_ms) == len(group.runs) else (None, None)
     best = mean_std([r.summary["best_val_acc"] for r in group.runs])
     row = {"arm": group.arm, "method": group.method, "frac": s["frac"],
            "exit_layer": s["exit_layer"] if "exit_layer" in group.knobs else None, "setting": group.label,
            "runs": len(group.runs) + len(group.repeats), "seeds": len(group.runs),
            "incomplete": incomplete_note(group.runs), "eval_interval_s": eval_interval(group),
+           "ms_per_step_mean": step_ms[0], "ms_per_step_std": step_ms[1],
            "final_acc_mean": final[0], "final_acc_std": final[1], "best_acc_mean": best[0], "best_acc_std": best[1]}
     reference = reference_for(group, groups)
     for target in targets:
@@ -369,6 +372,9 @@ def columns(row: dict, targets: list[float]) -> dict[str, str]:
            "final acc": plus_minus(row["final_acc_mean"], row["final_acc_std"], 3),
            "best acc": plus_minus(row["best_acc_mean"], row["best_acc_std"], 3),
            "eval every": "—" if interval is None else f"{interval:.{time_digits(interval)}f} s"}
+    step_ms = row["ms_per_step_mean"]
+    out["ms/step"] = "—" if step_ms is None else plus_minus(step_ms, row["ms_per_step_std"],
+                                                            0 if step_ms >= 100 else time_digits(step_ms))
     for target in targets:
         reached, mean = row[f"reached_{target:g}"], row[f"time_to_{target:g}_mean"]
         if mean is not None:
@@ -395,7 +401,9 @@ def caption_lines(groups: list[Group], rows: list[dict], targets_note: list[str]
         "time: training seconds (train_time_s) to the target, mean±std over seeds, linearly interpolated between "
         "the first evaluation at or above it and the one before (eval every: the median time between evaluations)",
         f"speedup: vanilla's mean time / this arm's, against vanilla of the same setting; n.s.: not significant, "
-        f"the speedup ± {SIGNIFICANCE:g} std includes 1"]
+        f"the speedup ± {SIGNIFICANCE:g} std includes 1",
+        "ms/step: training time per step (selection included): a time to target is the steps to it times this, so "
+        "a speedup comes from fewer steps, cheaper steps, or both"]
     single = [g.name for g in groups if len(g.runs) < 2]
     if single:
         lines.append(f"1 seed: no spread, not a result: {', '.join(single)}")

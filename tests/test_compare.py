@@ -161,6 +161,9 @@ def test_table_numbers_match_the_records(tmp_path, capsys):
         assert number(row["best_acc_mean"]) == pytest.approx(mean(bests))
         gaps = [b - a for _, times in runs.values() for a, b in zip(times, times[1:])]
         assert number(row["eval_interval_s"]) == pytest.approx(median(gaps))
+        step_ms = [1e3 * times[-1] / (10 * (len(accs) - 1)) for accs, times in runs.values()]
+        assert number(row["ms_per_step_mean"]) == pytest.approx(mean(step_ms))
+        assert number(row["ms_per_step_std"]) == pytest.approx(stdev(step_ms))
 
         times = [interpolated(*runs[s], everyone) for s in (0, 1)]
         assert int(row[f"reached_{everyone:g}"]) == 2
@@ -188,7 +191,8 @@ def test_table_numbers_match_the_records(tmp_path, capsys):
     assert cells["vanilla"][f"speedup {everyone:g}"] == "baseline"
     assert all(c[f"time to {unreachable:g}"] == "not reached" for c in cells.values())
     text = markdown.read_text()
-    assert "linearly interpolated" in text and "eval every" in text
+    assert "linearly interpolated" in text and "eval every" in text and "ms/step: training time per step" in text
+    assert cells["sift-loss k1 f0.5"]["ms/step"] == "160±14"  # 3.0 s and 3.4 s for 20 steps: 150 and 170 ms
     assert "1 seed" not in text  # every arm has two
 
 
