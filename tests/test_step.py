@@ -165,6 +165,8 @@ def test_the_known_gpus_have_a_peak_and_the_clock_waits_for_mps(monkeypatch):
     assert hardware.peak_flops(torch.device("cuda", 0)) == 989e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert hardware.peak_flops(torch.device("cuda", 0)) == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 NVL")
+    assert hardware.peak_flops(torch.device("cuda", 0)) == 835e12  # its own clocks: not the SXM's 989
     assert hardware.peak_flops(torch.device("cpu")) is None
     waited = []
     monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(True))
