@@ -482,6 +482,24 @@ class TrainState:
         return cls(**state)
 
 
+def restore(model, optimizer, resumed: Optional[tuple[dict, dict]], checkpointer: Checkpointer,
+            device: torch.device) -> TrainState:
+    """The training state to go on from: a checkpoint's (loaded into model and optimizer) or a fresh one, with
+    the restart counted and, where a process trained here after its last checkpoint, that time as lost."""
+    state = TrainState()
+    if resumed is not None:
+        tensors, saved = resumed
+        model.load_state_dict(tensors["model"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        state = TrainState.from_json(saved["train_state"], device)
+    clock_at_kill = checkpointer.clock() if distributed.is_main() else None  # where the clock stood at a kill
+    if resumed is not None or clock_at_kill:
+        state.restarts += 1
+    if clock_at_kill and clock_at_kill["train_time_s"] > state.train_time_s:
+        state.lost_time_s += clock_at_kill["train_time_s"] - state.train_time_s
+    return state
+
+
 def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress: bool,
         checkpointer: Checkpointer, resumed: Optional[tuple[dict, dict]], meta: dict) -> dict:
     """Train until a budget runs out or a stop is requested. Returns the totals for summary.json."""
@@ -494,18 +512,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                           f"{data.num_train}; use a smaller batch or more data")
     optimizer = instantiate(t.optimizer)(params=model.parameters())
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    state = TrainState()
-    if resumed is not None:
-        tensors, saved = resumed
-        distributed.unwrap(model).load_state_dict(tensors["model"])
-        optimizer.load_state_dict(tensors["optimizer"])
-        state = TrainState.from_json(saved["train_state"], device)
-    # a process trained here before: what it trained after its last checkpoint (all, if none) is lost
-    clock_at_kill = checkpointer.clock() if distributed.is_main() else None
-    if resumed is not None or clock_at_kill:
-        state.restarts += 1
-    if clock_at_kill and clock_at_kill["train_time_s"] > state.train_time_s:
-        state.lost_time_s += clock_at_kill["train_time_s"] - state.train_time_s
+    state = restore(model, optimizer, resumed, checkpointer, device)
     model = distributed.wrap(model, device)
     core = distributed.unwrap(model)
     autocast = autocast_for(t.precision, device)
