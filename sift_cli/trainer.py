@@ -83,6 +83,9 @@ def autocast_for(precision: str, device: torch.device):
     bf16 = precision == "bf16" or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
+    if precision == "auto" and device.type == "cuda" and not bf16:  # a V100 or T4: several times slower than bf16
+        warnings.warn(f"trainer.precision=auto: {torch.cuda.get_device_name(device)} has no bf16, so training runs "
+                      f"in fp32 (fp16 with loss scaling is not supported)")
     return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 

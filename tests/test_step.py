@@ -15,7 +15,7 @@ from sift_cli import hardware
 from sift_cli.config import ConfigError
 from sift_cli.records import read_metrics
 from sift_cli.train import run
-from sift_cli.trainer import Clock, Gate, Selection, batch_stream, lr_factor, train_step
+from sift_cli.trainer import Clock, Gate, Selection, autocast_for, batch_stream, lr_factor, train_step
 
 
 @pytest.mark.parametrize("progress,shape,expected", [
@@ -158,6 +158,14 @@ def test_throughput_and_mfu_are_recorded(corpus_file, tmp_path, monkeypatch):
     run(make_config(tiny_overrides(corpus_file)), tmp_path / "peak")
     rows = read_metrics(tmp_path / "peak")
     assert all(r["mfu"] == pytest.approx(r["tflops"]) and r["mfu"] > 0 for r in rows[1:])
+
+
+def test_a_gpu_without_bf16_trains_in_fp32_and_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.warns(UserWarning, match=r"trainer.precision=auto: Tesla T4 has no bf16, so training runs in fp32"):
+        autocast = autocast_for("auto", torch.device("cuda", 0))
+    assert autocast.keywords["enabled"] is False  # fp32: autocast off
 
 
 def test_the_known_gpus_have_a_peak_and_the_clock_waits_for_mps(monkeypatch):
