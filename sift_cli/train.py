@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sift_cli import __version__, distributed
 from sift_cli.checkpoint import Checkpointer, changed_keys, check_folder, holds_run, load_tensors, read_run, verify
-from sift_cli.config import ConfigError, check_exit_layer, check_positions, method, run_name, validate
+from sift_cli.config import ConfigError, check_exit_layer, check_positions, first_line, method, run_name, validate
 from sift_cli.hardware import accelerator
 from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, Recorder, time_to_target, write_atomic
 from sift_cli.trainer import fit
@@ -173,8 +173,14 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
                       tags=list(cfg.tags), wandb_id=wandb_id, positions=positions, enabled=main)
     if resumed and main:
         log.info("resuming %s from step %d", name, resumed[1]["train_state"]["step"])
-    totals = fit(model, data, cfg, record, device, show_progress, checkpointer, resumed,
-                 meta={"config": config, "wandb_id": wandb_id})
+    try:
+        totals = fit(model, data, cfg, record, device, show_progress, checkpointer, resumed,
+                     meta={"config": config, "wandb_id": wandb_id})
+    except torch.OutOfMemoryError as err:  # a batch too large for the device: a setting to change, not a bug
+        found = ". ".join(first_line(err).split(". ")[:3])  # what was asked for, and what the device has
+        raise ConfigError(f"{accelerator(device)} ran out of memory ({found}) with model={model_name}, "
+                          f"trainer.batch_size={cfg.trainer.batch_size} over {world} process(es) and "
+                          f"trainer.eval_batch_size={cfg.trainer.eval_batch_size}; lower them or add GPUs") from None
     targets = {}
     for target in cfg.targets:
         hit = time_to_target(record.rows, target)

@@ -114,6 +114,16 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(corpus_file, tmp
     assert summary["compile_time_s"] == 0 and summary["steps"] == 6
 
 
+def test_running_out_of_memory_while_compiling_is_not_taken_for_a_compiler_failure(corpus_file, tmp_path,
+                                                                                   monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: out_of_memory)
+    with pytest.raises(ConfigError, match=r"ran out of memory \(CUDA out of memory. Tried to allocate 2.00 GiB\)"):
+        run(make_config(tiny_overrides(corpus_file, "trainer.compile=true")), tmp_path)
+
+
 class _IntoBuffer(torch.autograd.Function):
     """Writes the loss into a fixed buffer and returns that buffer, as a CUDA graph's replay returns its
     static output, which the next replay overwrites."""

@@ -57,6 +57,22 @@ def test_vanilla_runs_no_scoring_pass(corpus_file, tmp_path, monkeypatch):
     assert summary["method"] == "vanilla" and summary["samples_backpropagated"] == summary["samples_seen"] == 48
 
 
+def test_out_of_memory_is_one_line_naming_the_batch_sizes(corpus_file, tmp_path, monkeypatch):
+    def too_large(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "79.11 GiB of which 1.50 GiB is free. Including non-PyTorch memory, this process "
+                                     "has 77.61 GiB memory in use. If reserved but unallocated memory is large ...")
+
+    monkeypatch.setattr(BertMLM, "loss", too_large)
+    with pytest.raises(ConfigError) as refused:
+        run(make_config(tiny_overrides(corpus_file)), tmp_path)
+    message = str(refused.value)
+    assert message.endswith("ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                            "capacity of 79.11 GiB of which 1.50 GiB is free) with model=BertMLM, trainer.batch_size=8 "
+                            "over 1 process(es) and trainer.eval_batch_size=16; lower them or add GPUs")
+    assert "\n" not in message
+
+
 def test_random_arm_keeps_the_same_count_without_scoring(corpus_file, tmp_path, monkeypatch):
     monkeypatch.setattr(BertMLM, "exit_scores", lambda *a: pytest.fail("random must not score"))
     summary = run(make_config(tiny_overrides(corpus_file, "criterion=random")), tmp_path)
