@@ -322,9 +322,9 @@ def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict
     """One table row as numbers: what the CSV holds and the terminal and markdown tables format."""
     s = group.first
     final = mean_std([r.summary["final_val_acc"] for r in group.runs])
+    best = mean_std([r.summary["best_val_acc"] for r in group.runs])
     step_ms = [1e3 * r.summary["train_time_s"] / r.summary["steps"] for r in group.runs if r.summary.get("steps")]
     step_ms = mean_std(step_ms) if len(step_ms) == len(group.runs) else (None, None)
-    best = mean_std([r.summary["best_val_acc"] for r in group.runs])
     row = {"arm": group.arm, "method": group.method, "frac": s["frac"],
            "exit_layer": s["exit_layer"] if "exit_layer" in group.knobs else None, "setting": group.label,
            "runs": len(group.runs) + len(group.repeats), "seeds": len(group.runs),

@@ -685,4 +685,3 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         "final_val_loss": record.rows[-1]["val_loss"] if record.rows else None,
         "best_val_acc": max((r["val_acc"] for r in record.rows), default=None),
     }
-
