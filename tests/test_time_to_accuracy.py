@@ -1,0 +1,39 @@
+"""benchmarks/time_to_accuracy.py at a tiny size: the race a lent GPU runs (benchmarks/gpu.sh) launches every
+arm through the CLI, reads its folders back and writes a complete report, and a second call with one seed
+more keeps the finished runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import time_to_accuracy  # noqa: E402
+
+
+def test_the_race_reports_every_arm_and_a_second_call_adds_a_seed(corpus_file, tmp_path, monkeypatch):
+    runs, out = tmp_path / "runs", tmp_path / "report.md"
+    tiny = ["data=text_files", f"data.paths=[{corpus_file}]", "~data.packages", "data.vocab_size=200",
+            "data.seq_len=32", "data.val_fraction=0.2", "data.max_val_samples=16", "model=bert_tiny",
+            "trainer.batch_size=8", "trainer.max_time_s=1", "trainer.eval_every_s=0.5", "trainer.device=cpu"]
+
+    def race(seeds: str) -> str:
+        monkeypatch.setattr(sys, "argv", [
+            "time_to_accuracy.py", "--experiment", "tta_gpu", "--arms", "vanilla,sift-loss,random", "--lrs", "1e-3",
+            "--seeds", seeds, "--runs-dir", str(runs), "--plots", str(tmp_path / "plots"), "--out", str(out), *tiny])
+        time_to_accuracy.main()
+        return out.read_text()
+
+    first = race("0")
+    finished = {p: p.stat().st_mtime for p in runs.glob("main/*/summary.json")}
+    assert sorted(p.parent.name for p in finished) == ["random-lr0.001-s0", "sift-loss-lr0.001-s0",
+                                                       "vanilla-lr0.001-s0"]
+    comparison = first.split("## Comparison")[1]
+    for arm in ("vanilla", "sift-loss", "random"):
+        row = next(line for line in comparison.splitlines() if line.startswith(f"| {arm} | 0.001 | "))
+        assert int(row.split("|")[3].split()[0]) > 0, row  # the median steps the arm trained
+    assert "## The same runs read by sift-compare" in first and (tmp_path / "plots" / "accuracy_vs_time.png").exists()
+
+    second = race("0,1")
+    assert "Seeds 0, 1;" in second and len(list(runs.glob("main/*/summary.json"))) == 6
+    assert all(p.stat().st_mtime == mtime for p, mtime in finished.items())  # seed 0 was not run again
