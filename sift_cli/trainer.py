@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import math
 import multiprocessing
 import os
@@ -31,6 +32,8 @@ from sift_cli.faults import kill_point
 from sift_cli.hardware import count_flops, peak_flops, synchronize
 from sift_cli.records import DIAGNOSTICS, Recorder
 from sift_cli.selection import FEATURE_CRITERIA, overlap, random_subset, select, spearman, top
+
+log = logging.getLogger("sift_cli")
 
 
 class Clock:
@@ -344,6 +347,7 @@ def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device)
     compile_fn = functools.partial(torch.compile, mode=mode, dynamic=False)
     core = distributed.unwrap(eager.model)
     skips, start = counters["inductor"]["cudagraph_skips"], time.perf_counter()
+    log.info("compiling the step (torch.compile, mode %s) before the training clock starts", mode or "default")
     try:
         compiled = dataclasses.replace(eager, model=compile_fn(eager.model), compiled=True,
                                        score=scorer(core, cfg.exit_layer, cfg.criterion, compile_fn))
@@ -362,6 +366,7 @@ def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device)
                       f"{counters['inductor']['cudagraph_skips'] - skips} compiled graph(s) on {device.type} "
                       f"(TORCH_LOGS=cudagraphs says why); those run compiled, without CUDA graphs")
     compiled.compile_time_s = time.perf_counter() - start
+    log.info("compiled in %.1f s (compile_time_s, not training time)", compiled.compile_time_s)
     return compiled
 
 

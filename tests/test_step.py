@@ -88,9 +88,13 @@ def test_no_batch_is_prepared_while_the_clock_is_paused(tmp_path, gated):
     del stream
 
 
-def test_trainer_compile_on_the_cpu_records_its_time_and_trains(corpus_file, tmp_path):
-    summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true", "trainer.max_steps=3")), tmp_path)
+def test_trainer_compile_on_the_cpu_records_its_time_and_trains(corpus_file, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sift_cli"):
+        summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true", "trainer.max_steps=3")), tmp_path)
     assert summary["status"] == "completed" and summary["compile_time_s"] > 0 and summary["steps"] == 3
+    # a compile takes minutes on a GPU: the user is told what the wait is, and what it cost
+    assert "compiling the step (torch.compile, mode default) before the training clock starts" in caplog.text
+    assert f"compiled in {summary['compile_time_s']:.1f} s" in caplog.text
     assert summary["compile_time_s"] > summary["train_time_s"] / 100  # compiling is not free, and it is off the clock
 
 
