@@ -75,7 +75,6 @@ def test_sift_with_global_selection_on_two_processes_matches_one(corpus_file, tm
     assert_same_curves(rows, single["sift"])
 
 
-
 def test_compiled_sift_on_two_processes_matches_one_eager(corpus_file, tmp_path, single):
     # torch.compile of the DDP-wrapped model (dynamo splits its graph at DDP's buckets) beside the gathers of
     # a global selection: what trainer.compile=auto does under torchrun on GPUs
@@ -85,6 +84,7 @@ def test_compiled_sift_on_two_processes_matches_one_eager(corpus_file, tmp_path,
     assert "torch.compile failed" not in out.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["compile_time_s"] > 0
     assert_same_curves(read_metrics(tmp_path), single["sift"])
+
 
 COUNTING = """
 import atexit, json, os
