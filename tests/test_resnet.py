@@ -1,14 +1,16 @@
-"""ResNet behind the model contract: batch-norm statistics of the scoring pass, and a step that compiles whole."""
+"""ResNet behind the model contract: batch-norm statistics of the scoring pass, a step that compiles whole, and
+preparing the step (FLOP count, compile warm-up) without changing any state."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from sift_cli.models.resnet import ResNetClassifier
 from sift_cli.selection import select
-from sift_cli.trainer import autocast_for, diagnose
+from sift_cli.trainer import Selection, autocast_for, diagnose, prepare_step
 
 
 def model_and_batch(score_bn="batch", batch=8):
@@ -82,3 +84,28 @@ def test_scoring_selection_and_loss_compile_whole(criterion):
     assert torch.equal(keep, select(scores, 4, criterion, None, features))
     loss = torch.compile(update, fullgraph=True, backend="eager")(batch, keep)
     assert torch.isfinite(loss)
+
+
+def test_preparing_the_step_counts_and_compiles_without_changing_any_state(monkeypatch):
+    """FLOP counting and the compile warm-up run whole steps before the clock: the weights, the optimizer's
+    moments and the batch-norm running statistics must come out as they went in."""
+    model, batch = model_and_batch()
+    cfg = OmegaConf.create({"exit_layer": 1, "criterion": "loss", "trainer": {"compile": True, "compile_mode": None}})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sel = Selection(0.5, "loss", 8, 4, seed=0, scope="local", device=torch.device("cpu"))
+    autocast = autocast_for("fp32", torch.device("cpu"))
+    eager = prepare_step(model, OmegaConf.merge(cfg, {"trainer": {"compile": False}}), optimizer, sel, autocast,
+                         batch, 0, torch.device("cpu"))
+    eager(batch, 0)  # one real update: moments to keep, running statistics moved off their initial values
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager", **kwargs))
+    step = prepare_step(model, cfg, optimizer, sel, autocast, batch, 1, torch.device("cpu"))
+    assert step.compiled and step.flops > 0
+    after = (model.state_dict(), optimizer.state_dict())
+    for name, value in before[0].items():
+        assert torch.equal(after[0][name], value), name
+    for index, moments in before[1]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(after[1]["state"][index][key], value), (index, key)
+    assert all(p.grad is None for p in model.parameters())
