@@ -176,7 +176,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     try:
         totals = fit(model, data, cfg, record, device, show_progress, checkpointer, resumed,
                      meta={"config": config, "wandb_id": wandb_id})
-    except torch.OutOfMemoryError as err:  # a batch too large for the device: a setting to change, not a bug
+    except torch.cuda.OutOfMemoryError as err:  # torch.cuda's name: torch 2.4 lacks the alias torch.OutOfMemoryError
+        # a batch too large for the device: a setting to change, not a bug
         found = ". ".join(first_line(err).split(". ")[:3])  # what was asked for, and what the device has
         raise ConfigError(f"{accelerator(device)} ran out of memory ({found}) with model={model_name}, "
                           f"trainer.batch_size={cfg.trainer.batch_size} over {world} process(es) and "

@@ -355,7 +355,7 @@ def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device)
             with restored(core, eager.optimizer):
                 compiled(batch, step, update=False)
         synchronize(device)
-    except torch.OutOfMemoryError:  # the batch, not the compiler: eager would run out too
+    except torch.cuda.OutOfMemoryError:  # the batch, not the compiler: eager would run out too
         raise
     except Exception as err:  # an unsupported op or backend: eager still trains correctly
         warnings.warn(f"trainer.compile: torch.compile failed ({type(err).__name__}: {first_line(err)}); "

@@ -121,7 +121,7 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(corpus_file, tmp
 def test_running_out_of_memory_while_compiling_is_not_taken_for_a_compiler_failure(corpus_file, tmp_path,
                                                                                    monkeypatch):
     def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: out_of_memory)
     with pytest.raises(ConfigError, match=r"ran out of memory \(CUDA out of memory. Tried to allocate 2.00 GiB\)"):

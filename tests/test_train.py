@@ -59,9 +59,9 @@ def test_vanilla_runs_no_scoring_pass(corpus_file, tmp_path, monkeypatch):
 
 def test_out_of_memory_is_one_line_naming_the_batch_sizes(corpus_file, tmp_path, monkeypatch):
     def too_large(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
-                                     "79.11 GiB of which 1.50 GiB is free. Including non-PyTorch memory, this process "
-                                     "has 77.61 GiB memory in use. If reserved but unallocated memory is large ...")
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB of which 1.50 GiB "
+            "is free. Including non-PyTorch memory, this process has 77.61 GiB memory in use. If reserved but ...")
 
     monkeypatch.setattr(BertMLM, "loss", too_large)
     with pytest.raises(ConfigError) as refused:
