@@ -39,6 +39,7 @@ from hydra.utils import instantiate
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from common import RESULTS, app_config, command_line, machine, markdown_table, spread
@@ -268,13 +269,19 @@ class Bench:
         return prepare_step(self.model, cfg, optimizer, Selection.for_run(cfg, self.device), self.autocast,
                             self.batches[0], 0, self.device)
 
-    def step_diagnostics(self, arm: Arm, steps: int = 3) -> tuple[str, Optional[dict[str, float]]]:
-        """Host syncs in one train_step (torch.cuda.set_sync_debug_mode; CUDA only), and the GPU's kernel time
-        per step by kind (torch.profiler over `steps` steps): beside the wall time per step, how busy the GPU
-        was, so a step bound by the host's launches shows as one whose kernels leave the GPU idle."""
+    def step_diagnostics(self, arm: Arm, steps: int = 3) -> tuple[str, str, Optional[dict[str, float]]]:
+        """Host syncs in one train_step (torch.cuda.set_sync_debug_mode; CUDA only), the aten ops it dispatches
+        (eager arms), and the GPU's kernel time per step by kind (torch.profiler over `steps` steps): beside the
+        wall time per step, how busy the GPU was, so a step bound by the host's launches shows as one whose
+        kernels leave the GPU idle."""
         try:  # diagnostics: should something here fail, the timings still stand
             step = self.step_fn(arm)
             step(self.batches[0], 0)  # the first call allocates: not counted
+            ops = "-"
+            if arm.mode is None:  # a dispatch mode would change what torch.compile traces
+                with OpCounter() as counter:
+                    step(self.batches[1], 1)
+                ops = f"{counter.ops:,} ({counter.views:,} views)"
             syncs = "-"
             if self.device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("warn")
@@ -292,14 +299,28 @@ class Bench:
                     step(batch, i)
                 synchronize(self.device)
         except Exception as err:
-            return f"n/a ({type(err).__name__}: {first_line(err)})", None
+            return f"n/a ({type(err).__name__}: {first_line(err)})", "-", None
         finally:
             torch.compiler.reset()  # as fit() does: the next arm's graphs (and CUDA graph pools) replace these
         kernels = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
         for event in prof.events():
             if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
                 kernels[kernel_kind(event.name)] += event.device_time_total / 1e3 / steps
-        return syncs, (kernels if any(kernels.values()) else None)
+        return syncs, ops, (kernels if any(kernels.values()) else None)
+
+
+class OpCounter(TorchDispatchMode):
+    """The aten ops a step dispatches, and how many are views (metadata only, no kernel): the host's share of
+    the work, whatever the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.views += func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 def kernel_kind(name: str) -> str:
@@ -385,14 +406,14 @@ def compile_cell(bench: Bench, arm: Arm) -> str:
 
 
 def diagnostic_cells(bench: Bench, arm: Arm, seconds_per_step: float) -> list[str]:
-    """Host syncs, the GPU's kernel time per step by kind, and that time over the wall time of a step."""
+    """Host syncs, aten ops, the GPU's kernel time per step by kind, and that time over the wall time of a step."""
     if not arm.fits:
-        return ["-", "-", "-"]
-    syncs, kernels = bench.step_diagnostics(arm)
+        return ["-", "-", "-", "-"]
+    syncs, ops, kernels = bench.step_diagnostics(arm)
     if kernels is None:
-        return [syncs, "-", "-"]
+        return [syncs, ops, "-", "-"]
     busy = sum(kernels.values())
-    return [syncs, f"{busy:.1f} ({kernels['matmul']:.1f}, {kernels['attention']:.1f}, {kernels['other']:.1f})",
+    return [syncs, ops, f"{busy:.1f} ({kernels['matmul']:.1f}, {kernels['attention']:.1f}, {kernels['other']:.1f})",
             f"{busy / (seconds_per_step * 1e3):.0%}"]
 
 
@@ -437,7 +458,7 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
                         for k, f in sorted(score_flops.items())) + ".", "",
             markdown_table(["arm", "ms/step", "samples scored/s", "t / t_vanilla", "FLOP floor", "k/(3L)+frac",
                             "measured/floor", "MFU" if on_gpu else "TFLOP/s", "compile s"]
-                           + (["host syncs/step", "GPU kernels ms/step (matmul, attention, other)", "GPU busy"]
+                           + (["host syncs/step", "aten ops/step", "GPU kernels ms/step (matmul, attention, other)", "GPU busy"]
                               if diagnose else []), rows), "",
             f"Vanilla arm against the hand-written loop: t_vanilla / t_minimal = "
             f"{spread([v / m for v, m in zip(vanilla_times, times[Arm('minimal')])])} (within 5%: at most 1.05); "
@@ -531,7 +552,8 @@ def main() -> None:
     ]
     if args.diagnose or device.type == "cuda":
         header += ["- Diagnostics, per fit() arm, from single calls of its `train_step` built as fit() builds it: "
-                   "host syncs in one step (`torch.cuda.set_sync_debug_mode`, a lower bound); GPU kernel time per "
+                   "host syncs in one step (`torch.cuda.set_sync_debug_mode`, a lower bound); the aten ops one "
+                   "eager step dispatches (a TorchDispatchMode; views do no work on the device); GPU kernel time per "
                    "step (torch.profiler, 3 steps), split into matrix products, attention and the rest; GPU busy = "
                    "kernel time / ms per step (well under 100%: the GPU waits for the host's launches)"]
     if target:
