@@ -510,108 +510,189 @@ def restore(model, optimizer, resumed: Optional[tuple[dict, dict]], checkpointer
     return state
 
 
+class Training:
+    """One run in training: its state, clock, records and checkpoints, and what fit()'s loop does between steps
+    (the learning rate, evaluations, diagnostics, checkpoints), one method each."""
+
+    def __init__(self, model, cfg, optimizer, base_lrs: list[float], sel: Selection, autocast, state: TrainState,
+                 record: Recorder, checkpointer: Checkpointer, val: list[dict], gate: Optional[Gate],
+                 device: torch.device, meta: dict):
+        t = cfg.trainer
+        self.cfg, self.model, self.core, self.optimizer = cfg, model, distributed.unwrap(model), optimizer
+        self.sel, self.autocast, self.state, self.record = sel, autocast, state, record
+        self.checkpointer, self.val, self.gate, self.device, self.meta = checkpointer, val, gate, device, meta
+        self.clock, self.wall_start = Clock(device, state.train_time_s), time.perf_counter()
+        self.base_lrs = base_lrs
+        self.horizon = {"steps": t.max_steps, "time": t.max_time_s,
+                        "samples": t.max_steps * t.batch_size if t.max_steps else None}[t.schedule_unit]
+        self.step_fn: Optional[Step] = None  # prepare() sets it
+        self.peak = peak_flops(device)
+        self.marks = (state.step, state.train_time_s)  # where the current evaluation window began
+
+    def prepare(self, batch: dict) -> Step:
+        self.step_fn = prepare_step(self.model, self.cfg, self.optimizer, self.sel, self.autocast, batch,
+                                    self.state.step, self.device)
+        return self.step_fn
+
+    def set_lr(self) -> None:
+        """The schedule at this step's progress, in the unit the arms are compared in."""
+        t, state = self.cfg.trainer, self.state
+        progress = {"steps": state.step, "samples": state.samples_backpropagated,
+                    "time": self.clock.peek()}[t.schedule_unit]
+        factor = lr_factor(progress, t.warmup, self.horizon, t.scheduler)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def wall_time(self) -> float:
+        return self.state.earlier_wall_time_s + time.perf_counter() - self.wall_start
+
+    def throughput(self) -> dict:
+        """Model TFLOP/s (and MFU on a GPU with a known peak) since the last evaluation."""
+        steps, seconds = self.state.step - self.marks[0], self.clock.total - self.marks[1]
+        self.marks = (self.state.step, self.clock.total)
+        if not steps or seconds <= 0:
+            return {}
+        tflops = self.step_fn.flops * steps / seconds / 1e12
+        return {"tflops": tflops, **({"mfu": tflops * 1e12 / self.peak} if self.peak else {})}
+
+    def settle_window(self) -> None:
+        """Average the window's losses and score sums over the ranks. Each rank trains and scores as many rows,
+        so the mean of their means is the mean over the global batch; averaging again changes nothing, so a
+        window settled for a checkpoint and settled again at the next evaluation stays the same."""
+        world, window = self.sel.world, self.state.window
+        if world == 1 or not window:
+            return
+        losses, sums = zip(*window)
+        losses = distributed.all_reduce_sum(torch.stack(losses)) / world
+        sums = (distributed.all_reduce_sum(torch.stack(sums)) / world).unbind() if sums[0] is not None else sums
+        self.state.window = list(zip(losses.unbind(), sums))
+
+    def window_scores(self) -> dict:
+        """The mean score of the kept and of the dropped samples over the window's steps."""
+        sel, sums = self.sel, [s for _, s in self.state.window if s is not None]
+        if not sums or sel.scored == sel.kept:
+            return {}
+        total, kept_sum = torch.stack(sums).sum(0).tolist()
+        n_kept, n_scored = (sel.kept * sel.world, sel.scored * sel.world) if sel.gathered else (sel.kept, sel.scored)
+        return {"score_kept": kept_sum / (len(sums) * n_kept),
+                "score_dropped": (total - kept_sum) / (len(sums) * (n_scored - n_kept))}
+
+    def evaluate(self) -> dict:
+        """Validate, record a row with the window's training figures, and start a new window."""
+        state = self.state
+        self.settle_window()
+        losses = [loss for loss, _ in state.window]
+        row = {"step": state.step, "train_time_s": self.clock.total, "wall_time_s": self.wall_time(),
+               "samples_seen": state.samples_seen, "samples_backpropagated": state.samples_backpropagated,
+               **evaluate(self.core, self.val, self.autocast),
+               "train_loss": torch.stack(losses).mean().item() if losses else None,
+               "lr": self.optimizer.param_groups[0]["lr"], "data_time_s": state.data_time_s,
+               **self.throughput(), **self.window_scores()}
+        state.window.clear()
+        state.last_eval_step = state.step
+        self.record.log(row)
+        return row
+
+    def diagnose(self) -> None:
+        """Exit-layer diagnostics on the main process's probe batch: a sample, not a sum to reduce."""
+        if distributed.is_main():
+            self.record.log({"step": self.state.step, "train_time_s": self.clock.total,
+                             **diagnose(self.core, self.val[0], self.cfg.frac, self.cfg.criterion, self.autocast)},
+                            DIAGNOSTICS)
+
+    def checkpoint(self) -> None:
+        state = self.state
+        state.train_time_s = self.clock.total
+        self.settle_window()  # the window saved is the global one, whichever rank count resumes it
+        if distributed.is_main():
+            saved = state.to_json()
+            saved["earlier_wall_time_s"] += time.perf_counter() - self.wall_start
+            self.checkpointer.save(state.step, {"model": self.core.state_dict(),
+                                                "optimizer": self.optimizer.state_dict()},
+                                   {**self.meta, "train_state": saved, "positions": self.record.positions(),
+                                    "world_size": self.sel.world})
+        distributed.barrier()
+
+    def after(self, every_s: Optional[float]) -> float:
+        """The training time at which a task due every `every_s` training seconds falls due next."""
+        return self.clock.total + (every_s or math.inf)
+
+    @contextlib.contextmanager
+    def off_clock(self):
+        """Work between steps, off the training clock, with the data workers held back (see Gate)."""
+        if self.gate:
+            self.gate.close()
+        self.clock.stop()
+        yield
+        self.clock.start()
+        if self.gate:
+            self.gate.open()
+
+    def totals(self, request: int, signum: Optional[int]) -> dict:
+        """The run's totals, for summary.json."""
+        state, sel, rows = self.state, self.sel, self.record.rows  # the main process holds every row
+        status = {RUNNING: "completed", INTERRUPTED: "interrupted", PREEMPTED: "preempted"}[int(request)]
+        return {
+            "status": status,
+            "stop_signal": signum if status != "completed" else None,
+            "steps": state.step,
+            "train_time_s": self.clock.total,
+            "wall_time_s": self.wall_time(),
+            "lost_time_s": state.lost_time_s,
+            "restarts": state.restarts,
+            "data_time_s": state.data_time_s,
+            "compile_time_s": self.step_fn.compile_time_s,
+            "flops_per_step": self.step_fn.flops,
+            "samples_seen": state.samples_seen,
+            "samples_backpropagated": state.samples_backpropagated,
+            "samples_scored_per_step": sel.scored * sel.world,
+            "samples_backpropagated_per_step": sel.kept * sel.world,
+            "final_val_acc": rows[-1]["val_acc"] if rows else None,
+            "final_val_loss": rows[-1]["val_loss"] if rows else None,
+            "best_val_acc": max((r["val_acc"] for r in rows), default=None),
+        }
+
+
 def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress: bool,
         checkpointer: Checkpointer, resumed: Optional[tuple[dict, dict]], meta: dict) -> dict:
     """Train until a budget runs out or a stop is requested. Returns the totals for summary.json."""
     t = cfg.trainer
     world, rank = distributed.world(), distributed.rank()
     sel = Selection.for_run(cfg, device)
-    scored, kept = sel.scored, sel.kept
-    if data.num_train < scored * world:
-        raise ConfigError(f"trainer.batch_size draws {scored * world} samples per step but the training set has "
-                          f"{data.num_train}; use a smaller batch or more data")
+    if data.num_train < sel.scored * world:
+        raise ConfigError(f"trainer.batch_size draws {sel.scored * world} samples per step but the training set "
+                          f"has {data.num_train}; use a smaller batch or more data")
     optimizer = instantiate(t.optimizer)(params=model.parameters())
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # the config's: a checkpoint holds scheduled ones
     state = restore(model, optimizer, resumed, checkpointer, device)
     model = distributed.wrap(model, device)
-    core = distributed.unwrap(model)
     autocast = autocast_for(t.precision, device)
     val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size, rank, world)]
     if not val:
         raise ConfigError(f"the validation set has too few samples to give each of {world} processes one")
     gate = Gate() if data.num_workers else None
-    stream = batch_stream(data, scored * world, cfg.seed, state.step, device, gate)
-    unit = t.schedule_unit
-    horizon = {"steps": t.max_steps, "time": t.max_time_s,
-               "samples": t.max_steps * t.batch_size if t.max_steps else None}[unit]
-    max_steps, max_time = t.max_steps or math.inf, t.max_time_s or math.inf
-    clock, wall_start = Clock(device, state.train_time_s), time.perf_counter()
-
-    first = to_device(next(stream), device)
-    run_step = prepare_step(model, cfg, optimizer, sel, autocast, first, state.step, device)
-    peak = peak_flops(device)
-    marks = {"step": state.step, "time": state.train_time_s}  # where the current evaluation window began
-
-    def throughput() -> dict:
-        steps, seconds = state.step - marks["step"], clock.total - marks["time"]
-        marks.update(step=state.step, time=clock.total)
-        if not steps or seconds <= 0:
-            return {}
-        tflops = run_step.flops * steps / seconds / 1e12
-        return {"tflops": tflops, **({"mfu": tflops * 1e12 / peak} if peak else {})}
-
-    def settle_window() -> None:
-        """Average the window's losses and score sums over the ranks. Each rank trains and scores as many rows,
-        so the mean of their means is the mean over the global batch; averaging again changes nothing, so a
-        window settled for a checkpoint and settled again at the next evaluation stays the same."""
-        if world == 1 or not state.window:
-            return
-        losses, sums = zip(*state.window)
-        losses = distributed.all_reduce_sum(torch.stack(losses)) / world
-        sums = (distributed.all_reduce_sum(torch.stack(sums)) / world).unbind() if sums[0] is not None else sums
-        state.window = list(zip(losses.unbind(), sums))
-
-    def log_eval() -> dict:
-        settle_window()
-        losses = [loss for loss, _ in state.window]
-        row = {"step": state.step, "train_time_s": clock.total,
-               "wall_time_s": state.earlier_wall_time_s + time.perf_counter() - wall_start,
-               "samples_seen": state.samples_seen, "samples_backpropagated": state.samples_backpropagated,
-               **evaluate(core, val, autocast),
-               "train_loss": torch.stack(losses).mean().item() if losses else None,
-               "lr": optimizer.param_groups[0]["lr"], "data_time_s": state.data_time_s, **throughput()}
-        sums = [s for _, s in state.window if s is not None]
-        if sums and scored > kept:  # mean score of the kept and of the dropped samples
-            total, kept_sum = torch.stack(sums).sum(0).tolist()
-            n_kept, n_scored = (kept * world, scored * world) if sel.gathered else (kept, scored)
-            row["score_kept"] = kept_sum / (len(sums) * n_kept)
-            row["score_dropped"] = (total - kept_sum) / (len(sums) * (n_scored - n_kept))
-        state.window.clear()
-        state.last_eval_step = state.step
-        record.log(row)
-        return row
-
-    def save_checkpoint() -> None:
-        state.train_time_s = clock.total
-        settle_window()  # the window saved is the global one, whichever rank count resumes it
-        if distributed.is_main():
-            saved = state.to_json()
-            saved["earlier_wall_time_s"] += time.perf_counter() - wall_start
-            checkpointer.save(state.step, {"model": core.state_dict(), "optimizer": optimizer.state_dict()},
-                              {**meta, "train_state": saved, "positions": record.positions(), "world_size": world})
-        distributed.barrier()
-
-    def paused(work: Callable[[], None]) -> None:
-        """Run work off the training clock, with the data workers held back (see Gate)."""
-        if gate:
-            gate.close()
-        clock.stop()
-        work()
-        clock.start()
-        if gate:
-            gate.open()
+    stream = batch_stream(data, sel.scored * world, cfg.seed, state.step, device, gate)
+    training = Training(model, cfg, optimizer, base_lrs, sel, autocast, state, record, checkpointer, val, gate,
+                        device, meta)
+    batch = to_device(next(stream), device)
+    step_fn = training.prepare(batch)
+    clock = training.clock
 
     if state.last_eval_step is None:
-        log_eval()  # the starting point of every curve: step 0, time 0
-    last_acc = f"{record.rows[-1]['val_acc']:.4f}" if record.rows else "-"
+        training.evaluate()  # the starting point of every curve: step 0, time 0
     if state.next_eval_s is None:
-        state.next_eval_s = clock.total + (t.eval_every_s or math.inf)
+        state.next_eval_s = training.after(t.eval_every_s)
     if state.next_checkpoint_s is None:
-        state.next_checkpoint_s = clock.total + (t.checkpoint_every_s or math.inf)
-    bar_total = max_time if t.max_time_s else max_steps
-    batch, request = first, RUNNING
+        state.next_checkpoint_s = training.after(t.checkpoint_every_s)
+    max_steps, max_time = t.max_steps or math.inf, t.max_time_s or math.inf
+
+    def due(every_n_steps: Optional[int]) -> bool:
+        return bool(every_n_steps) and state.step % every_n_steps == 0
+
+    request = RUNNING
     with progress_bar(show_progress and distributed.is_main()) as bar, StopRequests() as stop:
-        task = bar.add_task("train", total=bar_total, step=state.step, rate=0.0, mfu="", val_acc=last_acc)
+        task = bar.add_task("train", total=max_time if t.max_time_s else max_steps, step=state.step, rate=0.0,
+                            mfu="", val_acc=f"{record.rows[-1]['val_acc']:.4f}" if record.rows else "-")
         model.train()
         clock.start()
         while state.step < max_steps and clock.peek() < max_time:
@@ -619,44 +700,35 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                 waited = time.perf_counter()
                 batch = to_device(next(stream), device)
                 state.data_time_s += time.perf_counter() - waited
-            progress = {"steps": state.step, "samples": state.samples_backpropagated, "time": clock.peek()}[unit]
-            factor = lr_factor(progress, t.warmup, horizon, t.scheduler)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
+            training.set_lr()
             torch.manual_seed(seed_of(cfg.seed, "dropout", state.step, rank))  # dropout: a function of the step
-            state.window.append(run_step(batch, state.step))
+            state.window.append(step_fn(batch, state.step))
             batch = None
             state.step += 1
-            state.samples_seen += scored * world
-            state.samples_backpropagated += kept * world
+            state.samples_seen += sel.scored * world
+            state.samples_backpropagated += sel.kept * world
             kill_point("step", state.step)
             elapsed, request = distributed.agree_max([clock.peek(), stop.request])
             if distributed.is_main():
                 checkpointer.write_clock(state.step, elapsed)
                 bar.update(task, completed=elapsed if t.max_time_s else state.step, step=state.step,
-                           rate=(state.samples_seen) / max(elapsed, 1e-9))
+                           rate=state.samples_seen / max(elapsed, 1e-9))
             if request != RUNNING or state.step >= max_steps or elapsed >= max_time:
                 break
-            if cfg.diagnostics.every_n_steps and state.step % cfg.diagnostics.every_n_steps == 0:
-                def diagnostics():  # on the main process's probe batch: a sample, not a sum to reduce
-                    if distributed.is_main():
-                        record.log({"step": state.step, "train_time_s": clock.total,
-                                    **diagnose(core, val[0], cfg.frac, cfg.criterion, autocast)}, DIAGNOSTICS)
-                paused(diagnostics)
-            if (t.eval_every_steps and state.step % t.eval_every_steps == 0) or elapsed >= state.next_eval_s:
-                def evaluation():
-                    row = log_eval()
-                    state.next_eval_s = clock.total + (t.eval_every_s or math.inf)
+            if due(cfg.diagnostics.every_n_steps):
+                with training.off_clock():
+                    training.diagnose()
+            if due(t.eval_every_steps) or elapsed >= state.next_eval_s:
+                with training.off_clock():
+                    row = training.evaluate()
+                    state.next_eval_s = training.after(t.eval_every_s)
                     bar.update(task, val_acc=f"{row['val_acc']:.4f}",
                                mfu=f"MFU {row['mfu']:.0%}" if "mfu" in row else
                                (f"{row['tflops']:.2f} TFLOP/s" if "tflops" in row else ""))
-                paused(evaluation)
-            if (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0) or \
-                    elapsed >= state.next_checkpoint_s:
-                def periodic():
-                    state.next_checkpoint_s = clock.total + (t.checkpoint_every_s or math.inf)
-                    save_checkpoint()
-                paused(periodic)
+            if due(t.checkpoint_every_steps) or elapsed >= state.next_checkpoint_s:
+                with training.off_clock():
+                    state.next_checkpoint_s = training.after(t.checkpoint_every_s)
+                    training.checkpoint()
         clock.stop()
         if gate:
             gate.open()  # workers waiting at the gate must be free to exit
@@ -664,29 +736,8 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         # preempted: only the checkpoint, within the scheduler's grace period, and no evaluation off the
         # schedule, so the resumed run's rows are those of a run never stopped
         if state.last_eval_step != state.step and request != PREEMPTED:
-            log_eval()
-        save_checkpoint()  # at the end and on any stop
-    if run_step.compiled:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
+            training.evaluate()
+        training.checkpoint()  # at the end and on any stop
+    if step_fn.compiled:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
         torch.compiler.reset()
-
-    status = {RUNNING: "completed", INTERRUPTED: "interrupted", PREEMPTED: "preempted"}[int(request)]
-    return {
-        "status": status,
-        "stop_signal": stop.signum if status != "completed" else None,
-        "steps": state.step,
-        "train_time_s": clock.total,
-        "wall_time_s": state.earlier_wall_time_s + time.perf_counter() - wall_start,
-        "lost_time_s": state.lost_time_s,
-        "restarts": state.restarts,
-        "data_time_s": state.data_time_s,
-        "compile_time_s": run_step.compile_time_s,
-        "flops_per_step": run_step.flops,
-        "samples_seen": state.samples_seen,
-        "samples_backpropagated": state.samples_backpropagated,
-        "samples_scored_per_step": scored * world,
-        "samples_backpropagated_per_step": kept * world,
-        # the main process holds every row; the others only those since they started
-        "final_val_acc": record.rows[-1]["val_acc"] if record.rows else None,
-        "final_val_loss": record.rows[-1]["val_loss"] if record.rows else None,
-        "best_val_acc": max((r["val_acc"] for r in record.rows), default=None),
-    }
+    return training.totals(request, stop.signum)
