@@ -314,6 +314,7 @@ class Step:
     sel: Selection
     flops: int = 0  # model FLOPs of one step (FlopCounterMode)
     compiled: bool = False
+    cuda_graphs: bool = False  # every compiled graph replayed as a CUDA graph
     compile_time_s: float = 0.0
 
     def __call__(self, batch: dict, step: int, update: bool = True) -> tuple[Tensor, Optional[Tensor]]:
@@ -361,7 +362,8 @@ def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device)
         warnings.warn(f"trainer.compile: torch.compile failed ({type(err).__name__}: {first_line(err)}); "
                       f"training eagerly")
         return eager
-    if graphs and counters["inductor"]["cudagraph_skips"] > skips:
+    compiled.cuda_graphs = graphs and counters["inductor"]["cudagraph_skips"] == skips
+    if graphs and not compiled.cuda_graphs:
         warnings.warn(f"trainer.compile_mode={mode}: torch.compile left CUDA graphs out of "
                       f"{counters['inductor']['cudagraph_skips'] - skips} compiled graph(s) on {device.type} "
                       f"(TORCH_LOGS=cudagraphs says why); those run compiled, without CUDA graphs")
@@ -641,6 +643,8 @@ class Training:
             "lost_time_s": state.lost_time_s,
             "restarts": state.restarts,
             "data_time_s": state.data_time_s,
+            "compiled": self.step_fn.compiled,  # false where the compile fell back to eager
+            "cuda_graphs": self.step_fn.cuda_graphs,
             "compile_time_s": self.step_fn.compile_time_s,
             "flops_per_step": self.step_fn.flops,
             "samples_seen": state.samples_seen,

@@ -92,6 +92,7 @@ def test_trainer_compile_on_the_cpu_records_its_time_and_trains(corpus_file, tmp
     with caplog.at_level(logging.INFO, logger="sift_cli"):
         summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true", "trainer.max_steps=3")), tmp_path)
     assert summary["status"] == "completed" and summary["compile_time_s"] > 0 and summary["steps"] == 3
+    assert summary["compiled"] and not summary["cuda_graphs"]  # CUDA graphs only where asked for
     # a compile takes minutes on a GPU: the user is told what the wait is, and what it cost
     assert "compiling the step (torch.compile, mode default) before the training clock starts" in caplog.text
     assert f"compiled in {summary['compile_time_s']:.1f} s" in caplog.text
@@ -106,6 +107,7 @@ def test_cuda_graphs_left_out_are_one_warning_and_the_run_trains_compiled(corpus
         summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true",
                                                  "trainer.compile_mode=reduce-overhead", "trainer.max_steps=3")), tmp_path)
     assert summary["status"] == "completed" and summary["compile_time_s"] > 0 and summary["steps"] == 3
+    assert summary["compiled"] and not summary["cuda_graphs"]  # the record says how the step ran
 
 
 def test_a_compile_failure_falls_back_to_eager_with_one_warning(corpus_file, tmp_path, monkeypatch):
@@ -115,7 +117,7 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(corpus_file, tmp
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(UserWarning, match=r"trainer.compile: torch.compile failed \(RuntimeError: no compiler here\)"):
         summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true")), tmp_path)
-    assert summary["compile_time_s"] == 0 and summary["steps"] == 6
+    assert summary["compile_time_s"] == 0 and not summary["compiled"] and summary["steps"] == 6
 
 
 def test_running_out_of_memory_while_compiling_is_not_taken_for_a_compiler_failure(corpus_file, tmp_path,
