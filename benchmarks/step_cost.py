@@ -46,7 +46,7 @@ from common import RESULTS, app_config, command_line, machine, markdown_table, s
 from sift_cli.config import first_line, validate
 from sift_cli.records import METRICS
 from sift_cli.hardware import synchronize
-from sift_cli.trainer import Clock, Selection, Step, autocast_for, fit, prepare_step, to_device
+from sift_cli.trainer import Clock, Selection, Step, autocast_for, fit, grad_scaler_for, prepare_step, to_device
 
 TARGET = ("bert_mini", 32, 1, 0.5)  # (model, batch, exit, frac) where measured/floor must stay <= 1.05
 LIMIT = 1.05
@@ -262,8 +262,8 @@ class Bench:
         function of (batch, step): for the diagnostics that watch single steps."""
         cfg = self.config(arm)
         optimizer = instantiate(cfg.trainer.optimizer)(params=self.model.parameters())
-        return prepare_step(self.model, cfg, optimizer, Selection.for_run(cfg, self.device), self.autocast,
-                            self.batches[0], 0, self.device)
+        return prepare_step(self.model, cfg, optimizer, grad_scaler_for(cfg.trainer.precision, self.device),
+                            Selection.for_run(cfg, self.device), self.autocast, self.batches[0], 0, self.device)
 
     def step_diagnostics(self, arm: Arm, steps: int = 3) -> tuple[str, str, Optional[dict[str, float]]]:
         """Host syncs in one train_step (torch.cuda.set_sync_debug_mode; CUDA only), the aten ops it dispatches

@@ -18,7 +18,7 @@ from omegaconf import MISSING, OmegaConf
 
 CRITERIA = ("loss", "entropy", "random", "gradnorm", "loss_proportional", "diverse")
 PEER_CRITERIA = ("gradnorm", "loss_proportional", "diverse")  # the peers' rules, named as they are
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BATCH_MODES = ("scored", "updated")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PROGRESS = ("auto", "true", "false")

@@ -82,14 +82,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """A factory of autocast contexts: bf16 on CUDA where supported (precision=auto), fp32 otherwise."""
+    """A factory of autocast contexts: bf16 on CUDA where supported (precision=auto), fp16 where asked (with
+    grad_scaler_for's loss scaling), fp32 otherwise."""
     bf16 = precision == "bf16" or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
-    if precision == "auto" and device.type == "cuda" and not bf16:  # a V100 or T4: several times slower than bf16
+    if precision == "auto" and device.type == "cuda" and not bf16:  # a V100 or T4: several times slower in fp32
         warnings.warn(f"trainer.precision=auto: {torch.cuda.get_device_name(device)} has no bf16, so training runs "
-                      f"in fp32 (fp16 with loss scaling is not supported)")
-    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+                      f"in fp32; trainer.precision=fp16 trains in fp16 with loss scaling")
+    return functools.partial(torch.autocast, device_type=device.type,
+                             dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                             enabled=bf16 or precision == "fp16")
+
+
+def grad_scaler_for(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """fp16's loss scaling, which skips the updates whose gradients overflowed; disabled (a pass-through) at any
+    other precision, so the step has one path. With a fused optimizer it reads nothing back to the host."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def lr_factor(progress: float, warmup: float, horizon: Optional[float], shape: str) -> float:
@@ -232,9 +241,10 @@ class Selection:
         return keep.sort().values[self.rank * self.kept:(self.rank + 1) * self.kept]
 
 
-def train_step(model, score_fn: Callable, batch: dict, optimizer, autocast, sel: Selection,
-               step: int) -> tuple[Tensor, Optional[Tensor]]:
-    """One step: score -> select -> update. Returns the loss and, when scored, (sum of scores, sum kept)."""
+def train_step(model, score_fn: Callable, batch: dict, optimizer: Optional[torch.optim.Optimizer],
+               scaler: torch.amp.GradScaler, autocast, sel: Selection, step: int) -> tuple[Tensor, Optional[Tensor]]:
+    """One step: score -> select -> update. Returns the loss and, when scored, (sum of scores, sum kept).
+    Without an optimizer, the pass stops after the backward (counting FLOPs, compiling)."""
     score_sums = None
     if sel.frac < 1:  # vanilla never scores
         scores = features = None
@@ -252,9 +262,11 @@ def train_step(model, score_fn: Callable, batch: dict, optimizer, autocast, sel:
         batch = take(batch, sel.share(keep))
     with autocast():
         loss = model(batch)  # the model's (or DDP's) call is its training loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # fp16: scaled, so that small gradients do not flush to zero
+    if optimizer is not None:
+        scaler.step(optimizer)  # fp16: unscaled, and skipped when a gradient overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     # a copy: under CUDA graphs (compile_mode=reduce-overhead) the next replay overwrites the graph's output,
     # and the window keeps losses until an evaluation
     return loss.detach().clone(), score_sums
@@ -279,8 +291,8 @@ def scorer(model, exit_layer: int, criterion: str, compile_fn: Optional[Callable
 
 @contextlib.contextmanager
 def restored(model, optimizer):
-    """Run a step's forward and backward without a trace: buffers (batch-norm statistics) and gradients
-    are put back, and the optimizer never steps, so counting or compiling changes no state."""
+    """Run a step's forward and backward (without its update) leaving no trace: buffers (batch-norm
+    statistics) and gradients are put back, so counting or compiling changes no state."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
         yield
@@ -289,27 +301,15 @@ def restored(model, optimizer):
         optimizer.zero_grad(set_to_none=True)
 
 
-class NoStep:
-    """An optimizer stand-in for the passes that must not update: counting FLOPs, compiling."""
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-    def step(self):
-        pass
-
-    def zero_grad(self, set_to_none=True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-
 @dataclass
 class Step:
-    """train_step bound to a run's model (wrapped, compiled or not), scoring pass, optimizer and selection:
-    a function of (batch, step number), with what was learnt about it before the clock started."""
+    """train_step bound to a run's model (wrapped, compiled or not), scoring pass, optimizer, gradient scaler and
+    selection: a function of (batch, step number), with what was learnt about it before the clock started."""
 
     model: Callable  # whose call is the training loss: the module, DDP's wrapper or torch.compile's
     score: Callable
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
     autocast: Callable
     sel: Selection
     flops: int = 0  # model FLOPs of one step (FlopCounterMode)
@@ -318,16 +318,16 @@ class Step:
     compile_time_s: float = 0.0
 
     def __call__(self, batch: dict, step: int, update: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-        optimizer = self.optimizer if update else NoStep(self.optimizer)
-        return train_step(self.model, self.score, batch, optimizer, self.autocast, self.sel, step)
+        return train_step(self.model, self.score, batch, self.optimizer if update else None, self.scaler,
+                          self.autocast, self.sel, step)
 
 
-def prepare_step(model, cfg, optimizer, sel: Selection, autocast, batch: dict, step: int,
-                 device: torch.device) -> Step:
+def prepare_step(model, cfg, optimizer, scaler: torch.amp.GradScaler, sel: Selection, autocast, batch: dict,
+                 step: int, device: torch.device) -> Step:
     """The run's step, ready before the clock starts: its FLOPs counted once on a batch, then compiled if
     trainer.compile asks (auto: on CUDA); neither changes any state."""
     core = distributed.unwrap(model)
-    run_step = Step(model, scorer(core, cfg.exit_layer, cfg.criterion), optimizer, autocast, sel)
+    run_step = Step(model, scorer(core, cfg.exit_layer, cfg.criterion), optimizer, scaler, autocast, sel)
     with restored(core, optimizer):
         run_step.flops = count_flops(functools.partial(run_step, batch, step, update=False))
     asked = str(cfg.trainer.compile).lower()
@@ -494,15 +494,17 @@ class TrainState:
         return cls(**state)
 
 
-def restore(model, optimizer, resumed: Optional[tuple[dict, dict]], checkpointer: Checkpointer,
-            device: torch.device) -> TrainState:
-    """The training state to go on from: a checkpoint's (loaded into model and optimizer) or a fresh one, with
+def restore(model, optimizer, scaler: torch.amp.GradScaler, resumed: Optional[tuple[dict, dict]],
+            checkpointer: Checkpointer, device: torch.device) -> TrainState:
+    """The training state to go on from: a checkpoint's (loaded into model, optimizer and scaler) or a fresh one, with
     the restart counted and, where a process trained here after its last checkpoint, that time as lost."""
     state = TrainState()
     if resumed is not None:
         tensors, saved = resumed
         model.load_state_dict(tensors["model"])
         optimizer.load_state_dict(tensors["optimizer"])
+        if scaler.is_enabled():  # fp16: the loss scale it had reached (trainer.precision cannot change on resume)
+            scaler.load_state_dict(tensors["scaler"])
         state = TrainState.from_json(saved["train_state"], device)
     clock_at_kill = checkpointer.clock() if distributed.is_main() else None  # where the clock stood at a kill
     if resumed is not None or clock_at_kill:
@@ -516,12 +518,13 @@ class Training:
     """One run in training: its state, clock, records and checkpoints, and what fit()'s loop does between steps
     (the learning rate, evaluations, diagnostics, checkpoints), one method each."""
 
-    def __init__(self, model, cfg, optimizer, base_lrs: list[float], sel: Selection, autocast, state: TrainState,
-                 record: Recorder, checkpointer: Checkpointer, val: list[dict], gate: Optional[Gate],
-                 device: torch.device, meta: dict):
+    def __init__(self, model, cfg, optimizer, base_lrs: list[float], scaler: torch.amp.GradScaler, sel: Selection,
+                 state: TrainState, record: Recorder, checkpointer: Checkpointer, val: list[dict],
+                 gate: Optional[Gate], device: torch.device, meta: dict):
         t = cfg.trainer
         self.cfg, self.model, self.core, self.optimizer = cfg, model, distributed.unwrap(model), optimizer
-        self.sel, self.autocast, self.state, self.record = sel, autocast, state, record
+        self.scaler, self.autocast = scaler, autocast_for(t.precision, device)
+        self.sel, self.state, self.record = sel, state, record
         self.checkpointer, self.val, self.gate, self.device, self.meta = checkpointer, val, gate, device, meta
         self.clock, self.wall_start = Clock(device, state.train_time_s), time.perf_counter()
         self.base_lrs = base_lrs
@@ -532,8 +535,8 @@ class Training:
         self.marks = (state.step, state.train_time_s)  # where the current evaluation window began
 
     def prepare(self, batch: dict) -> Step:
-        self.step_fn = prepare_step(self.model, self.cfg, self.optimizer, self.sel, self.autocast, batch,
-                                    self.state.step, self.device)
+        self.step_fn = prepare_step(self.model, self.cfg, self.optimizer, self.scaler, self.sel, self.autocast,
+                                    batch, self.state.step, self.device)
         return self.step_fn
 
     def set_lr(self) -> None:
@@ -609,10 +612,12 @@ class Training:
         if distributed.is_main():
             saved = state.to_json()
             saved["earlier_wall_time_s"] += time.perf_counter() - self.wall_start
-            self.checkpointer.save(state.step, {"model": self.core.state_dict(),
-                                                "optimizer": self.optimizer.state_dict()},
-                                   {**self.meta, "train_state": saved, "positions": self.record.positions(),
-                                    "world_size": self.sel.world})
+            tensors = {"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict()}
+            if self.scaler.is_enabled():
+                tensors["scaler"] = self.scaler.state_dict()
+            self.checkpointer.save(state.step, tensors, {**self.meta, "train_state": saved,
+                                                         "positions": self.record.positions(),
+                                                         "world_size": self.sel.world})
         distributed.barrier()
 
     def after(self, every_s: Optional[float]) -> float:
@@ -668,15 +673,15 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                           f"has {data.num_train}; use a smaller batch or more data")
     optimizer = instantiate(t.optimizer)(params=model.parameters())
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # the config's: a checkpoint holds scheduled ones
-    state = restore(model, optimizer, resumed, checkpointer, device)
+    scaler = grad_scaler_for(t.precision, device)
+    state = restore(model, optimizer, scaler, resumed, checkpointer, device)
     model = distributed.wrap(model, device)
-    autocast = autocast_for(t.precision, device)
     val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size, rank, world)]
     if not val:
         raise ConfigError(f"the validation set has too few samples to give each of {world} processes one")
     gate = Gate() if data.num_workers else None
     stream = batch_stream(data, sel.scored * world, cfg.seed, state.step, device, gate)
-    training = Training(model, cfg, optimizer, base_lrs, sel, autocast, state, record, checkpointer, val, gate,
+    training = Training(model, cfg, optimizer, base_lrs, scaler, sel, state, record, checkpointer, val, gate,
                         device, meta)
     batch = to_device(next(stream), device)
     step_fn = training.prepare(batch)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from sift_cli.models.resnet import ResNetClassifier
 from sift_cli.selection import select
-from sift_cli.trainer import Selection, autocast_for, diagnose, prepare_step
+from sift_cli.trainer import Selection, autocast_for, diagnose, grad_scaler_for, prepare_step
 
 
 def model_and_batch(score_bn="batch", batch=8):
@@ -93,14 +93,14 @@ def test_preparing_the_step_counts_and_compiles_without_changing_any_state(monke
     cfg = OmegaConf.create({"exit_layer": 1, "criterion": "loss", "trainer": {"compile": True, "compile_mode": None}})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sel = Selection(0.5, "loss", 8, 4, seed=0, scope="local", device=torch.device("cpu"))
-    autocast = autocast_for("fp32", torch.device("cpu"))
-    eager = prepare_step(model, OmegaConf.merge(cfg, {"trainer": {"compile": False}}), optimizer, sel, autocast,
-                         batch, 0, torch.device("cpu"))
+    autocast, scaler = autocast_for("fp32", torch.device("cpu")), grad_scaler_for("fp32", torch.device("cpu"))
+    eager = prepare_step(model, OmegaConf.merge(cfg, {"trainer": {"compile": False}}), optimizer, scaler, sel,
+                         autocast, batch, 0, torch.device("cpu"))
     eager(batch, 0)  # one real update: moments to keep, running statistics moved off their initial values
     before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager", **kwargs))
-    step = prepare_step(model, cfg, optimizer, sel, autocast, batch, 1, torch.device("cpu"))
+    step = prepare_step(model, cfg, optimizer, scaler, sel, autocast, batch, 1, torch.device("cpu"))
     assert step.compiled and step.flops > 0
     after = (model.state_dict(), optimizer.state_dict())
     for name, value in before[0].items():

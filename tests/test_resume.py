@@ -28,7 +28,8 @@ from sift_cli.records import Recorder, read_metrics
 from sift_cli.train import STAMP, run, run_stamp
 
 SCHEDULE = ("trainer.max_steps=6", "trainer.eval_every_steps=2", "trainer.checkpoint_every_steps=2")
-ARMS = {"sift": ("frac=0.5",), "random": ("criterion=random",), "vanilla": ("frac=1.0",)}
+ARMS = {"sift": ("frac=0.5",), "random": ("criterion=random",), "vanilla": ("frac=1.0",),
+        "fp16": ("frac=0.5", "trainer.precision=fp16")}
 RESNET = ("model=resnet18", "data=digits", "data.image_size=8", "data.max_val_samples=32", "data.num_workers=2",
           "trainer.batch_size=8", "trainer.max_time_s=null", "trainer.eval_every_s=null", "trainer.eval_batch_size=16",
           "trainer.schedule_unit=steps", "trainer.warmup=2", "logger=none", *SCHEDULE)
@@ -77,10 +78,12 @@ def comparable_rows(run_dir: Path) -> list[dict]:
 
 
 def assert_same_run(expected: Path, actual: Path) -> None:
-    """The same final weights and optimizer state to the bit, and the same metrics rows."""
+    """The same final weights, optimizer state (and fp16's loss scale) to the bit, and the same metrics rows."""
     a, b = newest_checkpoint(expected), newest_checkpoint(actual)
     assert a.name == b.name
-    for name in ("model.pt", "optimizer.pt"):
+    names = sorted(p.name for p in a.glob("*.pt"))
+    assert names == sorted(p.name for p in b.glob("*.pt"))
+    for name in names:
         torch.testing.assert_close(torch.load(b / name), torch.load(a / name), rtol=0, atol=0)
     assert comparable_rows(actual) == comparable_rows(expected)
 
@@ -155,8 +158,9 @@ def interrupt_and_resume(run_dir: Path, args: list[str], interruptions: list[str
     ("vanilla", ["step:2", "metrics-line:4"]),  # the first kill before any checkpoint: all its time is lost
     # batch norm and two DataLoader workers; the signal reaches the workers too, as SLURM sends it; then a kill
     ("resnet", ["SIGTERM:3", "step:5"]),
+    ("fp16", ["step:5"]),  # the loss scale's state goes on: a fresh scaler would have counted 2 steps, not 6
 ], ids=["random-killed-before-rename", "vanilla-killed-before-any-checkpoint-then-mid-metrics-line",
-        "resnet-workers-preempted-then-killed"])
+        "resnet-workers-preempted-then-killed", "fp16-killed-after-a-checkpoint"])
 def test_interrupted_and_resumed_run_is_bit_identical(arm, interruptions, reference, corpus_file, tmp_path):
     interrupt_and_resume(tmp_path, overrides(arm, corpus_file), interruptions)
     assert_same_run(reference(arm), tmp_path)

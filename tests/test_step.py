@@ -15,7 +15,8 @@ from sift_cli import hardware
 from sift_cli.config import ConfigError
 from sift_cli.records import read_metrics
 from sift_cli.train import run
-from sift_cli.trainer import Clock, Gate, Selection, autocast_for, batch_stream, lr_factor, train_step
+from sift_cli.trainer import (Clock, Gate, Selection, autocast_for, batch_stream, grad_scaler_for, lr_factor,
+                              train_step)
 
 
 @pytest.mark.parametrize("progress,shape,expected", [
@@ -158,11 +159,42 @@ def test_the_losses_kept_until_an_evaluation_survive_the_next_step():
     model = StaticOutput()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sel = Selection(1.0, "loss", 4, 4, 0, "local", torch.device("cpu"))
-    first, _ = train_step(model, None, {"x": torch.arange(4.0)}, optimizer, contextlib.nullcontext, sel, 0)
+    scaler = grad_scaler_for("fp32", torch.device("cpu"))
+    first, _ = train_step(model, None, {"x": torch.arange(4.0)}, optimizer, scaler, contextlib.nullcontext, sel, 0)
     assert first.item() == 1.5
-    second, _ = train_step(model, None, {"x": torch.full((4,), 7.0)}, optimizer, contextlib.nullcontext, sel, 1)
+    second, _ = train_step(model, None, {"x": torch.full((4,), 7.0)}, optimizer, scaler, contextlib.nullcontext, sel,
+                           1)
     assert model.out.item() == second.item() != 1.5 and first.item() == 1.5  # the model's output was overwritten
     assert model.weight.item() != 1.0  # the step trained through the buffer
+
+
+class ScaledLoss(torch.nn.Module):
+    """A product under autocast, times a factor from the batch: a huge factor overflows the scaled gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2, 2))
+        self.dtypes = []
+
+    def forward(self, batch):
+        out = batch["x"] @ self.weight
+        self.dtypes.append(out.dtype)
+        return out.float().sum() * batch["factor"][0]
+
+
+def test_fp16_scales_the_loss_and_skips_an_update_whose_gradients_overflow():
+    device = torch.device("cpu")
+    model, sel = ScaledLoss(), Selection(1.0, "loss", 2, 2, 0, "local", device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # as trainer.optimizer
+    autocast, scaler = autocast_for("fp16", device), grad_scaler_for("fp16", device)
+    x = torch.full((2, 2), 0.1)  # small enough that the gradient at scale 2 ** 15 is finite in fp16
+    train_step(model, None, {"x": x, "factor": torch.full((2,), 1e35)}, optimizer, scaler, autocast, sel, 0)
+    assert model.dtypes == [torch.float16]  # the product ran in half precision
+    assert torch.equal(model.weight.detach(), torch.ones(2, 2))  # 1e35 x the scale overflows: no update
+    assert scaler.get_scale() == 2.0 ** 15  # and the scale backs off from 2 ** 16
+    train_step(model, None, {"x": x, "factor": torch.ones(2)}, optimizer, scaler, autocast, sel, 1)
+    assert (model.weight.detach() < 1).all()  # finite gradients: the update happens
+    assert scaler.state_dict()["_growth_tracker"] == 1
 
 
 def test_throughput_and_mfu_are_recorded(corpus_file, tmp_path, monkeypatch):
