@@ -140,9 +140,10 @@ def test_bad_input_under_torchrun_ends_every_rank_with_the_one_line(args, messag
     nowhere, logs = str(tmp_path / "nowhere"), tmp_path / "logs"
     args, message = [a.replace("NOWHERE", nowhere) for a in args], message.replace("NOWHERE", nowhere)
     # --redirects: each rank's own output in its own file. A monitor interval longer than the default
-    # 0.1 s lets the slower rank finish its check before torchrun stops it for the faster one's exit.
+    # 0.1 s lets the slower rank finish its check before torchrun stops it for the faster one's exit
+    # (5 s: on a loaded machine one rank can still be importing torch seconds after the other exits).
     out = torchrun(*tiny_overrides(corpus_file, *args), f"hydra.run.dir={tmp_path / 'run'}",
-                   launcher=["--redirects", "3", "--log-dir", str(logs), "--monitor-interval", "2"], timeout=120)
+                   launcher=["--redirects", "3", "--log-dir", str(logs), "--monitor-interval", "5"], timeout=120)
     assert out.returncode != 0
     errors = sorted(logs.rglob("stderr.log"))
     assert len(errors) == 2

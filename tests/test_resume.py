@@ -310,7 +310,7 @@ def test_killed_sift_run_resumes_its_wandb_run_bit_identical_each_row_logged_onc
     # offline, W&B cannot resume: a folder per process with the run's one id (one, if both started in the
     # same second: the folder is named to the second, and the resumed process rewrites its file)
     assert 1 <= len(fragments) <= 2
-    newest, deadline, local = fragments[-1], time.time() + 60, read_metrics(run_dir)
+    newest, deadline, local = fragments[-1], time.time() + 120, read_metrics(run_dir)
     history = wandb_history(newest)
     # W&B's service process writes the file after finish() returns, and later still on a loaded machine
     while ([h["_step"] for h in history] != [r["step"] for r in local] or b"best_val_acc" not in newest.read_bytes()) \

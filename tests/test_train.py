@@ -141,7 +141,7 @@ def test_offline_wandb_run_holds_the_logged_keys(corpus_file, tmp_path, offline_
     run(make_config(overrides + ["logger=wandb", f"logger.dir={tmp_path / 'wb'}", "targets=[0.01]"]),
         tmp_path / "run")
     [log] = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
-    deadline = time.time() + 30  # W&B's service process writes the log file after finish() returns
+    deadline = time.time() + 120  # W&B's service process writes the log file after finish() returns, later when loaded
     while b"best_val_acc" not in log.read_bytes() and time.time() < deadline:
         time.sleep(0.2)
     raw = log.read_bytes()
