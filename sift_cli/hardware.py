@@ -9,9 +9,10 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# dense bf16 peak FLOP/s (vendor data sheets, no sparsity), matched against the device name in this order
-BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-             ("A100", 312e12))
+# dense 16-bit tensor-core peak FLOP/s (vendor data sheets, no sparsity): bf16, or fp16 on the cards without
+# bf16 (V100, T4; trainer.precision=fp16), matched against the device name in this order
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+              ("A100", 312e12), ("V100S", 130e12), ("V100-PCIE", 112e12), ("V100", 125e12), (" T4", 65e12))
 
 
 def cpu_model() -> str:
@@ -32,11 +33,11 @@ def accelerator(device: torch.device) -> str:
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
-    """The bf16 peak of a known GPU, None elsewhere (no MFU is reported against a guess)."""
+    """The 16-bit peak of a known GPU, None elsewhere (no MFU is reported against a guess)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK if key in name), None)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
 
 
 def count_flops(fn: Callable[[], None]) -> int:

@@ -223,6 +223,9 @@ def test_the_known_gpus_have_a_peak_and_the_clock_waits_for_mps(monkeypatch):
     assert hardware.peak_flops(torch.device("cuda", 0)) == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 NVL")
     assert hardware.peak_flops(torch.device("cuda", 0)) == 835e12  # its own clocks: not the SXM's 989
+    for name, peak in (("Tesla V100-SXM2-16GB", 125e12), ("Tesla V100-PCIE-32GB", 112e12), ("Tesla T4", 65e12)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        assert hardware.peak_flops(torch.device("cuda", 0)) == peak, name  # fp16: these cards have no bf16
     assert hardware.peak_flops(torch.device("cpu")) is None
     waited = []
     monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(True))
