@@ -3,9 +3,10 @@
 A checkpoint is a folder `checkpoints/step-<N>/` holding `model.pt`, `optimizer.pt` (`scaler.pt` with
 fp16) and `state.json`, then `manifest.json` (each file's size and SHA-256), written last. It is assembled
 in a temporary folder beside the target, every file fsynced, and renamed into place, then
-`checkpoints/latest` names it. A folder without a manifest, or whose files do not match it, is not a checkpoint: loading
-warns and falls back to the previous one. What the run folder holds besides (`run.json`: the resolved
-config and the W&B run id) decides whether a rerun of a command resumes, extends, skips or is refused.
+`checkpoints/latest` names it. A folder without a manifest, or whose files do not match it, is not a
+checkpoint: loading warns and falls back to the previous one. What the run folder holds besides
+(`run.json`: the resolved config and the W&B run id) decides whether a rerun of a command resumes,
+extends, skips or is refused.
 """
 
 from __future__ import annotations

@@ -496,8 +496,9 @@ class TrainState:
 
 def restore(model, optimizer, scaler: torch.amp.GradScaler, resumed: Optional[tuple[dict, dict]],
             checkpointer: Checkpointer, device: torch.device) -> TrainState:
-    """The training state to go on from: a checkpoint's (loaded into model, optimizer and scaler) or a fresh one, with
-    the restart counted and, where a process trained here after its last checkpoint, that time as lost."""
+    """The training state to go on from: a checkpoint's (loaded into model, optimizer and scaler) or a fresh
+    one, with the restart counted and, where a process trained here after its last checkpoint, that time as
+    lost."""
     state = TrainState()
     if resumed is not None:
         tensors, saved = resumed
@@ -637,7 +638,8 @@ class Training:
 
     def totals(self, request: int, signum: Optional[int]) -> dict:
         """The run's totals, for summary.json."""
-        state, sel, rows = self.state, self.sel, self.record.rows  # the main process holds every row
+        # the main process holds every row; the others only those since they started
+        state, sel, rows = self.state, self.sel, self.record.rows
         status = {RUNNING: "completed", INTERRUPTED: "interrupted", PREEMPTED: "preempted"}[int(request)]
         return {
             "status": status,
