@@ -269,6 +269,23 @@ def test_runs_on_different_hardware_are_kept_apart(tmp_path, capsys):
     assert number(rows[2]["speedup_0.5"]) == pytest.approx(2.0)  # against vanilla on the H100, not the CPU
 
 
+def test_a_run_whose_compile_fell_back_to_eager_is_not_compared_with_compiled_vanilla(tmp_path, capsys):
+    """The same config (trainer.compile=auto on a GPU), but SIFT's step ran eagerly: a speedup against the
+    compiled vanilla would measure the compiler, not the method."""
+    root, gpu = tmp_path / "runs", {"accelerator": "NVIDIA H100 80GB HBM3", "device": "cuda"}
+    for seed in (0, 1):
+        write_run(root / f"vanilla{seed}", [0.1, 0.5, 0.8], [0, 1.0, 2.0], seed=seed,
+                  summary={**gpu, "compiled": True, "cuda_graphs": False})
+        sift(root / f"sift{seed}", [0.1, 0.5, 0.8], [0, 2.0, 4.0], seed=seed,
+             summary={**gpu, "compiled": False, "cuda_graphs": False})
+    code, out, err = sift_compare(capsys, root, "--target", 0.5, "--csv", tmp_path / "t.csv", "--out", tmp_path)
+    assert code == 0, err
+    with open(tmp_path / "t.csv") as f:
+        rows = {r["arm"]: r for r in csv.DictReader(f)}
+    assert (rows["vanilla"]["setting"], rows["sift-loss k1 f0.5"]["setting"]) == ("compiled=True", "compiled=False")
+    assert rows["sift-loss k1 f0.5"]["speedup_0.5"] == ""  # no vanilla ran its step the same way
+
+
 def test_known_answer_data_setting_is_shown(tmp_path, capsys):
     """Noise is shown even between data choices of different names (whose other keys are not)."""
     root = tmp_path / "runs"
