@@ -50,7 +50,8 @@ def test_a_time_schedule_gives_every_arm_the_same_rate_at_the_same_training_seco
 
 
 class SlowData:
-    """Batches that take 0.1 s each to make, each noting when it was made: a data-bound pipeline."""
+    """Batches that take 0.25 s each to make, each noting when it was made: a data-bound pipeline. Slow enough
+    that the batches prefetched ungated are still being made during the pause, even on a loaded machine."""
 
     num_workers = 2
 
@@ -59,7 +60,7 @@ class SlowData:
 
     def train_batch(self, step, batch_size, seed, rank=0, world=1):
         start = time.time()
-        time.sleep(0.1)
+        time.sleep(0.25)
         with open(self.log, "a") as f:
             f.write(f"{start} {time.time()}\n")
         return {"x": torch.tensor([step])}
@@ -75,7 +76,7 @@ def test_no_batch_is_prepared_while_the_clock_is_paused(tmp_path, gated):
     if gate:
         gate.close()  # on the clock: waits for the batches being made
     paused = time.time()
-    time.sleep(1.0)  # the evaluation
+    time.sleep(1.5)  # the evaluation
     resumed = time.time()
     if gate:
         gate.open()
