@@ -141,7 +141,7 @@ class Recorder:
             )
             self.wandb.define_metric("train_time_s")
             for key in ("val_*", "train_loss", "lr", "samples_*", "step", "score_*", "spearman_*", "overlap_*",
-                        "tflops", "mfu", "data_time_s"):
+                        "tflops", "mfu", "data_time_s", "loss_scale"):
                 self.wandb.define_metric(key, step_metric="train_time_s")
             self.wandb.define_metric("val_acc", step_metric="train_time_s", summary="max,last")
             self._wandb_from = self.wandb.starting_step

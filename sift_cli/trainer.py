@@ -594,6 +594,8 @@ class Training:
                "train_loss": torch.stack(losses).mean().item() if losses else None,
                "lr": self.optimizer.param_groups[0]["lr"], "data_time_s": state.data_time_s,
                **self.throughput(), **self.window_scores()}
+        if self.scaler.is_enabled():  # fp16: a scale that keeps falling means gradients keep overflowing
+            row["loss_scale"] = self.scaler.get_scale()
         state.window.clear()
         state.last_eval_step = state.step
         self.record.log(row)

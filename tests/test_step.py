@@ -198,11 +198,20 @@ def test_fp16_scales_the_loss_and_skips_an_update_whose_gradients_overflow():
     assert scaler.state_dict()["_growth_tracker"] == 1
 
 
+def test_an_fp16_run_records_its_loss_scale(corpus_file, tmp_path):
+    summary = run(make_config(tiny_overrides(corpus_file, "trainer.precision=fp16")), tmp_path)
+    rows = read_metrics(tmp_path)
+    assert summary["status"] == "completed" and len(rows) == 3
+    assert rows[0]["loss_scale"] == 2.0 ** 16  # GradScaler's initial scale, before any step
+    assert all(r["loss_scale"] > 0 for r in rows)
+
+
 def test_throughput_and_mfu_are_recorded(corpus_file, tmp_path, monkeypatch):
     summary = run(make_config(tiny_overrides(corpus_file)), tmp_path / "cpu")
     rows = read_metrics(tmp_path / "cpu")
     assert summary["flops_per_step"] > 0 and all(r["tflops"] > 0 for r in rows[1:])
     assert "mfu" not in rows[-1]  # no known peak for a CPU: no MFU against a guess
+    assert "loss_scale" not in rows[-1]  # fp32: no loss scaling
     monkeypatch.setattr("sift_cli.trainer.peak_flops", lambda device: 1e12)
     run(make_config(tiny_overrides(corpus_file)), tmp_path / "peak")
     rows = read_metrics(tmp_path / "peak")
