@@ -187,7 +187,9 @@ def test_fp16_scales_the_loss_and_skips_an_update_whose_gradients_overflow():
     device = torch.device("cpu")
     model, sel = ScaledLoss(), Selection(1.0, "loss", 2, 2, 0, "local", device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # as trainer.optimizer
-    autocast, scaler = autocast_for("fp16", device), grad_scaler_for("fp16", device)
+    with pytest.warns(UserWarning, match="trainer.precision=fp16 on a CPU"):
+        autocast = autocast_for("fp16", device)
+    scaler = grad_scaler_for("fp16", device)
     x = torch.full((2, 2), 0.1)  # small enough that the gradient at scale 2 ** 15 is finite in fp16
     train_step(model, None, {"x": x, "factor": torch.full((2,), 1e35)}, optimizer, scaler, autocast, sel, 0)
     assert model.dtypes == [torch.float16]  # the product ran in half precision
@@ -199,7 +201,8 @@ def test_fp16_scales_the_loss_and_skips_an_update_whose_gradients_overflow():
 
 
 def test_an_fp16_run_records_its_loss_scale(corpus_file, tmp_path):
-    summary = run(make_config(tiny_overrides(corpus_file, "trainer.precision=fp16")), tmp_path)
+    with pytest.warns(UserWarning, match=r"trainer.precision=fp16 on a CPU: .* several times slower than fp32"):
+        summary = run(make_config(tiny_overrides(corpus_file, "trainer.precision=fp16")), tmp_path)
     rows = read_metrics(tmp_path)
     assert summary["status"] == "completed" and len(rows) == 3
     assert rows[0]["loss_scale"] == 2.0 ** 16  # GradScaler's initial scale, before any step
