@@ -92,8 +92,7 @@ def autocast_for(precision: str, device: torch.device):
                       f"in fp32; trainer.precision=fp16 trains in fp16 with loss scaling")
     if precision == "fp16" and device.type == "cpu":  # a user trying a GPU setting locally should know
         warnings.warn("trainer.precision=fp16 on a CPU: most CPUs have no fast fp16 arithmetic, so this trains "
-                      "several times slower than fp32 (about 10x for BERT-Tiny on the machine this was written on); "
-                      "fp16 is meant for GPUs without bf16")
+                      "several times slower than fp32; fp16 is meant for GPUs without bf16")
     return functools.partial(torch.autocast, device_type=device.type,
                              dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
                              enabled=bf16 or precision == "fp16")
