@@ -5,7 +5,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # is complete). The first line brings hydra-core, omegaconf and antlr4 from the wheels in .whl/ (the lent
 # machine lacks them; `pip download` them, see benchmarks/README.md); the repo is the working directory.
 #
-#   bash benchmarks/gpu.sh [all|step|race|big]   all (default): step, then race; big: 512x128, CUDA graphs only
+#   bash benchmarks/gpu.sh [all|step|race|big]   all (default): step, then race; big: the fp16 step's host
+#                            syncs (BERT-Mini, ~1 min), then BERT-base at 512x128, CUDA graphs only
 #   GPU_BUDGET_S=550         seconds this call may take in all (the device tool's limit is 600 per call)
 #   RACE_COMPILE=false RACE_COMPILE_MODE=null    the race's trainer.compile and trainer.compile_mode
 #   GPU_DRY=1 OUT=/tmp/out PATH=$PWD/.venv/bin:$PATH bash -c 'sed 1d benchmarks/gpu.sh | bash -s -- all'
@@ -25,6 +26,9 @@ step=(--model bert:256x128 --exits 1 --fracs 0.5 --reps 2 --warmup 3 --steps 10 
       --compile off,reduce-overhead --device cuda)
 big=(--model bert:512x128 --exits 1 --fracs 0.5 --reps 1 --warmup 3 --steps 10 --max-profiles 0
      --compile reduce-overhead --device cuda)
+# trainer.precision=fp16: GradScaler inside the fused AdamW should add no host sync (read in its source, not seen)
+fp16=(--model bert_mini:64x128 --exits 1 --fracs 0.5 --reps 1 --warmup 2 --steps 4 --max-profiles 0
+      --compile off --diagnose --device cuda --set trainer.precision=fp16)
 # BERT-Small learns within 20 s at this size (BERT-base does not leave its first plateau in 40 s); the corpus
 # and shapes are the step cost's (the standard library's docstrings, vocabulary 8192, 256x128)
 race=(model=bert_small trainer.batch_size=256 'data.packages=[]' data.vocab_size=8192 data.seq_len=128
@@ -36,6 +40,8 @@ if [[ -n "${GPU_DRY:-}" ]]; then  # the same commands on the CPU, small enough t
         --compile off,reduce-overhead --diagnose --device cpu)
   big=(--model bert_tiny:8x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0
        --compile reduce-overhead --diagnose --device cpu)
+  fp16=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0
+        --compile off --diagnose --device cpu --set trainer.precision=fp16)
   race=(model=bert_tiny trainer.batch_size=8 trainer.max_time_s=4 trainer.eval_every_s=2 trainer.device=cpu
         data.seq_len=32 data.max_val_samples=16 "trainer.compile=${RACE_COMPILE:-false}"
         "trainer.compile_mode=${RACE_COMPILE_MODE:-null}")
@@ -58,6 +64,7 @@ if [[ $PART == all || $PART == step ]]; then
   timeout "$(left 200)" python3 benchmarks/step_cost.py "${step[@]}" --out "$OUT/step_cost.md" || echo "step cost: exit $?"
 fi
 if [[ $PART == big ]]; then
+  timeout "$(left 60)" python3 benchmarks/step_cost.py "${fp16[@]}" --out "$OUT/step_cost-fp16.md" || echo "fp16: exit $?"
   timeout "$(left 10)" python3 benchmarks/step_cost.py "${big[@]}" --out "$OUT/step_cost-512.md" || echo "step cost: exit $?"
 fi
 
