@@ -632,14 +632,17 @@ class Training:
 
     @contextlib.contextmanager
     def off_clock(self):
-        """Work between steps, off the training clock, with the data workers held back (see Gate)."""
+        """Work between steps, off the training clock, with the data workers held back (see Gate). The gate
+        reopens whatever the work raises: workers left waiting at it would hold up the exit."""
         if self.gate:
             self.gate.close()
         self.clock.stop()
-        yield
-        self.clock.start()
-        if self.gate:
-            self.gate.open()
+        try:
+            yield
+        finally:
+            self.clock.start()
+            if self.gate:
+                self.gate.open()
 
     def totals(self, request: int, signum: Optional[int]) -> dict:
         """The run's totals, for summary.json."""

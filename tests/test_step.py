@@ -4,8 +4,10 @@ import contextlib
 import logging
 import math
 import re
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +17,8 @@ from sift_cli import hardware
 from sift_cli.config import ConfigError
 from sift_cli.records import read_metrics
 from sift_cli.train import run
-from sift_cli.trainer import (Clock, Gate, Selection, autocast_for, batch_stream, grad_scaler_for, lr_factor,
-                              train_step)
+from sift_cli.trainer import (Clock, Gate, Selection, Training, autocast_for, batch_stream, grad_scaler_for,
+                              lr_factor, train_step)
 
 
 @pytest.mark.parametrize("progress,shape,expected", [
@@ -88,6 +90,20 @@ def test_no_batch_is_prepared_while_the_clock_is_paused(tmp_path, gated):
     else:
         assert during  # without the gate, workers keep prefetching: what the test must be able to see
     del stream
+
+
+def test_the_gate_reopens_when_work_off_the_clock_fails():
+    """An evaluation that raises (out of memory) must not leave the data workers waiting at a closed gate: the
+    process would then wait for them at its exit."""
+    gate, clock = Gate(), Clock(torch.device("cpu"))
+    clock.start()
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        with Training.off_clock(SimpleNamespace(gate=gate, clock=clock)):
+            raise RuntimeError("evaluation failed")
+    worker = threading.Thread(target=gate.__enter__, daemon=True)  # a worker about to make a batch
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
 
 
 def test_trainer_compile_on_the_cpu_records_its_time_and_trains(corpus_file, tmp_path, caplog):
