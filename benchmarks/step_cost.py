@@ -529,12 +529,14 @@ def main() -> None:
     elapsed, load_after = time.perf_counter() - started, os.getloadavg()
 
     print("\n".join(lines))
+    precision = next((o.split("=", 1)[1] for o in args.set if o.startswith("trainer.precision=")), "auto")
     header = [
         "# SIFT step cost against its floor", "",
         f"- Command: `{command_line()}` ({elapsed / 60:.1f} min)",
         f"- Machine: {machine()}; load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end "
         "(a shared machine: other work runs beside the benchmark)",
-        f"- Device: {device}; precision as the app's `trainer.precision=auto` (bf16 autocast on CUDA, fp32 on CPU)",
+        f"- Device: {device}; precision as the app's `trainer.precision={precision}`"
+        + (" (bf16 autocast on CUDA, fp32 on CPU)" if precision == "auto" else ""),
         f"- Overrides beyond model and batch: {' '.join(args.set) or 'none (data=docstrings: the standard library, vocabulary 8192)'}",
         f"- {args.reps} interleaved repetitions per arm (fresh random order each); cells are median [min, max];"
         " ratios are paired within a repetition",
