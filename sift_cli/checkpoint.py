@@ -107,9 +107,10 @@ class Checkpointer:
     def newest(self) -> Optional[tuple[Path, dict]]:
         """(folder, state) of the newest valid checkpoint; invalid ones warn and are passed over."""
         for folder in self.candidates():
-            state = verify(folder)
-            if state is not None:
-                return folder, state
+            try:
+                return folder, verify(folder)
+            except InvalidCheckpoint as err:
+                warnings.warn(f"checkpoint {folder} is not valid ({err}); trying the one before it")
         return None
 
     def write_clock(self, step: int, train_time_s: float, every_s: float = 1.0) -> None:
@@ -131,8 +132,12 @@ class Checkpointer:
             return None
 
 
-def verify(folder: Path) -> Optional[dict]:
-    """A checkpoint's state if its manifest matches its files; None with a warning otherwise."""
+class InvalidCheckpoint(Exception):
+    """A checkpoint folder whose files are missing or do not match its manifest; the message says which."""
+
+
+def verify(folder: Path) -> dict:
+    """A checkpoint's state if its manifest matches its files; InvalidCheckpoint otherwise."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         for name, expected in manifest.items():
@@ -141,8 +146,7 @@ def verify(folder: Path) -> Optional[dict]:
                 raise ValueError(f"{name} does not match the manifest")
         return json.loads((folder / "state.json").read_text())
     except (OSError, ValueError, KeyError) as err:
-        warnings.warn(f"checkpoint {folder} is not valid ({first_line(err)}); trying the one before it")
-        return None
+        raise InvalidCheckpoint(first_line(err)) from None
 
 
 def load_tensors(folder: Path) -> dict:

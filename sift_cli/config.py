@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import difflib
 import math
+import pkgutil
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 CRITERIA = ("loss", "entropy", "random", "gradnorm", "loss_proportional", "diverse")
 PEER_CRITERIA = ("gradnorm", "loss_proportional", "diverse")  # the peers' rules, named as they are
@@ -135,11 +138,10 @@ def _missing_values(cfg) -> None:
 
 def model_depth(cfg) -> Optional[int]:
     """The model's number of blocks from its config alone, without building it (None: from a checkpoint)."""
-    from hydra.utils import get_class
-
+    model = importable("model", cfg.model._target_, "sift_cli.models.bert.BertMLM")
     if cfg.model.get("pretrained"):
         return None
-    return cfg.model.get("num_layers") or getattr(get_class(cfg.model._target_), "depth", None)
+    return cfg.model.get("num_layers") or getattr(model, "depth", None)
 
 
 def validate(cfg, model_name: Optional[str] = None) -> None:
@@ -156,8 +158,14 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
         raise ConfigError(f"exit_layer={cfg.exit_layer} must be at least 1 (the first block of the model)")
     _one_of("criterion", cfg.criterion, CRITERIA)
     t = cfg.trainer
-    if t.batch_size < 1:
-        raise ConfigError(f"trainer.batch_size={t.batch_size} must be a positive number of samples")
+    for key in ("batch_size", "eval_batch_size"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key}={t[key]} must be a positive number of samples")
+    importable("data", cfg.data._target_, "sift_cli.data.text.text_files")
+    check_optimizer(t.optimizer)
+    if str(t.resume) not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
+        raise ConfigError(f"trainer.resume={t.resume} is not a folder; name a run's checkpoints/step-N folder, or "
+                          f"use trainer.resume=auto or never")
     _one_of("trainer.batch_mode", t.batch_mode, BATCH_MODES)
     _one_of("trainer.precision", t.precision, PRECISIONS)
     _one_of("trainer.compile", str(t.compile).lower(), SWITCH)
@@ -189,12 +197,42 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
     _one_of("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _one_of("logger.mode", cfg.logger.mode, WANDB_MODES)
     for target in cfg.targets:
-        if not 0 < target <= 1:
+        if not (isinstance(target, (int, float)) and 0 < target <= 1):
             raise ConfigError(f"targets contains {target}; target accuracies lie in (0, 1]")
+    pretrained = str(cfg.model.get("pretrained") or "")
+    if pretrained.startswith(("/", "./", "../", "~")) and not Path(pretrained).expanduser().is_dir():
+        raise ConfigError(f"model.pretrained={pretrained} is not a folder; name a folder written by save_pretrained, "
+                          f"or a hub name such as bert-base-uncased")
     depth = model_depth(cfg)
     if depth is not None:
         check_exit_layer(cfg.exit_layer, depth, model_name or cfg.model._target_.rsplit(".", 1)[-1])
     check_positions(cfg.data.get("seq_len"), None if cfg.model.get("pretrained") else cfg.model.get("max_position"))
+
+
+def importable(key: str, name: str, example: str) -> Any:
+    """What a `_target_` names, imported; one line naming it where it cannot be."""
+    try:
+        return pkgutil.resolve_name(name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{key}._target_={name} cannot be imported ({first_line(err)}); name a class or "
+                          f"function, e.g. {example}") from None
+
+
+def check_optimizer(node: Any) -> None:
+    """trainer.optimizer built for one parameter, so that torch's own checks of its values (a negative rate,
+    betas outside [0, 1)) and a wrong target or key fail before any work, as one line."""
+    from hydra.utils import instantiate
+
+    if not (isinstance(node, DictConfig) and "_target_" in node):
+        raise ConfigError(f"trainer.optimizer={node} is not an optimizer config; set trainer.optimizer._target_ "
+                          f"(e.g. torch.optim.AdamW) and its arguments")
+    importable("trainer.optimizer", node._target_, "torch.optim.AdamW")
+    try:
+        instantiate(node)(params=[torch.nn.Parameter(torch.zeros(1))])
+    except Exception as err:
+        cause = first_line(err.__cause__ or err)
+        hint = "; remove a key with ~trainer.optimizer.KEY" if "unexpected keyword" in cause else ""
+        raise ConfigError(f"trainer.optimizer ({node._target_}) refuses its settings: {cause}{hint}") from None
 
 
 def check_positions(seq_len: Optional[int], positions: Optional[int]) -> None:

@@ -26,7 +26,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sift_cli import __version__, distributed
-from sift_cli.checkpoint import Checkpointer, changed_keys, check_folder, holds_run, load_tensors, read_run, verify
+from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, holds_run, load_tensors,
+                                 read_run, verify)
 from sift_cli.config import ConfigError, check_exit_layer, check_positions, first_line, method, run_name, validate
 from sift_cli.hardware import accelerator
 from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, Recorder, time_to_target, write_atomic
@@ -212,10 +213,12 @@ def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config:
     if resume == "auto":
         return checkpointer.newest()
     folder = Path(resume).expanduser()
-    state = verify(folder) if folder.is_dir() else None
-    if state is None:
-        raise ConfigError(f"trainer.resume={resume} is not a valid checkpoint folder (a checkpoints/step-N folder "
-                          f"of a run, with its manifest.json); or use trainer.resume=auto or never")
+    try:
+        state = verify(folder)
+    except InvalidCheckpoint as err:
+        raise ConfigError(f"trainer.resume={resume} is not a valid checkpoint folder ({err}); name a checkpoints/"
+                          f"step-N folder of a run, with its manifest.json, or use trainer.resume=auto or never"
+                          ) from None
     differ = changed_keys(state["config"], config)
     if differ:
         raise ConfigError(f"trainer.resume={resume} was trained with another config ({', '.join(differ[:4])}); "
@@ -269,10 +272,19 @@ def _combinations(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*options)]
 
 
-def _unknown_override(err: Exception) -> Optional[str]:
-    """Hydra's 'Could not override X ... use +X' for a typo, as our one line with the closest known key."""
+TYPE_NAMES = {"Float": "a number", "Integer": "a whole number"}
+
+
+def _override_error(err: Exception) -> Optional[str]:
+    """Hydra's account of an override it refused, as our one line: a typo of a key (with the closest known key)
+    or a value of the wrong type."""
     from sift_cli.config import Config, LoggerConfig, TrainerConfig
 
+    wrong_type = re.search(r"Error merging override ([^=\s]+)=(.*?) Value .*?(?:converted to (\w+)|not a valid bool)",
+                           f"{err} {err.__cause__}", re.S)
+    if wrong_type:
+        key, value, kind = wrong_type.groups()
+        return f"{key}={value} is not {TYPE_NAMES.get(kind, kind or 'true or false')}"
     found = re.search(r"Could not override '([^']+)'", str(err))
     if not found:
         return None
@@ -324,7 +336,7 @@ def precheck(args: list[str]) -> None:
                     raise ConfigError(f"{group}={value} is not a known {group}; choose one of: "
                                       f"{', '.join(sorted(err.options))}") from None
                 except HydraException as err:
-                    raise ConfigError(_unknown_override(err) or _first_lines(err)) from None
+                    raise ConfigError(_override_error(err) or _first_lines(err)) from None
     finally:
         GlobalHydra.instance().clear()
 

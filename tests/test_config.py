@@ -69,12 +69,32 @@ def test_checkpoint_tokenizer_follows_model_pretrained():
     ("model=resnet18 data=digits exit_layer=5", "exit_layer=5 is beyond resnet18, which has 4 blocks"),
     ("data.seq_len=600", "data.seq_len=600 is longer than the model's 512 positions (model.max_position)"),
     ("model=gpt2", "model=gpt2 is not a known model; choose one of: bert, bert_large"),
-    ("frac=abc", "frac=abc"),
+    ("frac=abc", "frac=abc is not a number"),
+    ("seed=1.5", "seed=1.5 is not a whole number"),
+    ("trainer.deterministic=maybe", "trainer.deterministic=maybe is not true or false"),
+    ("trainer.eval_batch_size=0", "trainer.eval_batch_size=0 must be a positive number of samples"),
+    ("targets=[abc]", "targets contains abc; target accuracies lie in (0, 1]"),
+    ("trainer.optimizer.lr=-1", "trainer.optimizer (torch.optim.AdamW) refuses its settings: Invalid learning rate"),
+    ("trainer.optimizer.betas=[2,0.9]", "refuses its settings: Invalid beta parameter at index 0"),
+    ("trainer.optimizer._target_=torch.optim.SGD", "trainer.optimizer (torch.optim.SGD) refuses its settings: "
+                                                   "SGD.__init__() got an unexpected keyword argument 'betas'; "
+                                                   "remove a key with ~trainer.optimizer.KEY"),
+    ("trainer.optimizer._target_=torch.optim.Adamx", "trainer.optimizer._target_=torch.optim.Adamx cannot be "
+                                                     "imported"),
+    ("trainer.optimizer=sgd", "trainer.optimizer=sgd is not an optimizer config"),
+    ("model._target_=nowhere.Model", "model._target_=nowhere.Model cannot be imported (No module named 'nowhere')"),
+    ("data._target_=sift_cli.data.text.nothing", "data._target_=sift_cli.data.text.nothing cannot be imported"),
+    ("trainer.resume=/no/such/folder", "trainer.resume=/no/such/folder is not a folder"),
+    ("model.pretrained=./no/such/folder", "model.pretrained=./no/such/folder is not a folder"),
 ])
 def test_bad_values_are_rejected_with_the_key_the_value_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as err:
         precheck(override.split())
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_another_optimizer_is_a_target_and_its_own_keys():
+    precheck(["trainer.optimizer._target_=torch.optim.SGD", "~trainer.optimizer.betas", "+trainer.optimizer.momentum=0.9"])
 
 
 def test_precheck_expands_sweeps_so_a_bad_value_stops_the_whole_sweep():

@@ -135,10 +135,12 @@ def test_a_run_checkpointed_by_one_process_resumes_on_two(corpus_file, tmp_path,
 @pytest.mark.parametrize("args,message", [
     (["frac=1.5"], "frac=1.5 is outside (0, 1]"),  # found before any process group work
     (["trainer.batch_size=7"], "trainer.batch_size=7 must be divisible by the 2 processes"),  # by every rank
-    (["trainer.resume=NOWHERE"], "trainer.resume=NOWHERE is not a valid checkpoint folder"),  # by rank 0 alone
+    # an empty folder: only rank 0 reads it and finds no checkpoint
+    (["trainer.resume=NOWHERE"], "trainer.resume=NOWHERE is not a valid checkpoint folder"),
 ])
 def test_bad_input_under_torchrun_ends_every_rank_with_the_one_line(args, message, corpus_file, tmp_path):
     nowhere, logs = str(tmp_path / "nowhere"), tmp_path / "logs"
+    os.mkdir(nowhere)
     args, message = [a.replace("NOWHERE", nowhere) for a in args], message.replace("NOWHERE", nowhere)
     # --redirects: each rank's own output in its own file. A monitor interval longer than the default
     # 0.1 s lets the slower rank finish its check before torchrun stops it for the faster one's exit
