@@ -7,13 +7,17 @@ home. `model` and `data` stay free-form: their keys are the constructor argument
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
+import inspect
 import math
 import pkgutil
 import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -139,6 +143,7 @@ def _missing_values(cfg) -> None:
 def model_depth(cfg) -> Optional[int]:
     """The model's number of blocks from its config alone, without building it (None: from a checkpoint)."""
     model = importable("model", cfg.model._target_, "sift_cli.models.bert.BertMLM")
+    check_arguments("model", cfg.model, model)
     if cfg.model.get("pretrained"):
         return None
     return cfg.model.get("num_layers") or getattr(model, "depth", None)
@@ -161,7 +166,7 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
     for key in ("batch_size", "eval_batch_size"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]} must be a positive number of samples")
-    importable("data", cfg.data._target_, "sift_cli.data.text.text_files")
+    check_arguments("data", cfg.data, importable("data", cfg.data._target_, "sift_cli.data.text.text_files"))
     check_optimizer(t.optimizer)
     if str(t.resume) not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
         raise ConfigError(f"trainer.resume={t.resume} is not a folder; name a run's checkpoints/step-N folder, or "
@@ -216,6 +221,63 @@ def importable(key: str, name: str, example: str) -> Any:
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"{key}._target_={name} cannot be imported ({first_line(err)}); name a class or "
                           f"function, e.g. {example}") from None
+
+
+SCALAR_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+                type(None): "null"}
+
+
+def _fits(annotation: Any, value: Any) -> bool:
+    """Whether a config value (plain Python) fits a parameter's annotation; what this does not know fits."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in args)
+    if annotation in (int, float) and isinstance(value, bool):  # YAML's true is not a number
+        return False
+    if annotation is float:
+        return isinstance(value, (int, float))
+    if annotation in SCALAR_NAMES:
+        return isinstance(value, annotation)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple)) and all(_fits(args[0], v) for v in value) if args else True
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple, collections.abc.Sequence) and args:
+        return f"a list of {_describe(args[0]).removeprefix('a ')}s"
+    return SCALAR_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _as_typed(value: Any) -> str:
+    """A config value as a user writes it on the command line: true, null, [a,b]."""
+    if isinstance(value, (list, tuple)):
+        return f"[{','.join(_as_typed(v) for v in value)}]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+def check_arguments(key: str, node: Any, fn: Callable) -> None:
+    """A free-form group (model, data) against its target's signature, which is its schema: a key the target
+    does not take, or a value its annotation does not allow, is one line before any work."""
+    params = inspect.signature(fn, eval_str=True).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    for name, value in OmegaConf.to_container(node, resolve=True).items():
+        if name == "_target_":
+            continue
+        if name not in params:
+            if takes_any:
+                continue
+            close = difflib.get_close_matches(name, list(params), n=1)
+            hint = f"did you mean {key}.{close[0]}?" if close else f"its keys: {', '.join(params)}"
+            raise ConfigError(f"{key}.{name} is not a key of {node._target_}; {hint}")
+        annotation = params[name].annotation
+        if annotation is not inspect.Parameter.empty and not _fits(annotation, value):
+            raise ConfigError(f"{key}.{name}={_as_typed(value)} is not {_describe(annotation)}")
 
 
 def check_optimizer(node: Any) -> None:

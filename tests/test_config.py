@@ -135,8 +135,26 @@ def test_the_debug_group_builds_with_every_offline_data_choice(overrides, corpus
     assert build(cfg.data).num_train > 0
 
 
-def test_a_key_the_target_does_not_take_is_a_one_line_error():
+@pytest.mark.parametrize("overrides,message", [
+    ("data=digits +data.colour=red", "data.colour is not a key of sift_cli.data.images.digits; its keys: image_size"),
+    ("data=text_files data.paths=[a.txt] +data.packages=[torch]",  # a key of another text source
+     "data.packages is not a key of sift_cli.data.text.text_files"),
+    ("+data.seq_length=64", "data.seq_length is not a key of sift_cli.data.text.docstrings; did you mean data.seq_len?"),
+    ("+model.hidden=64", "model.hidden is not a key of sift_cli.models.bert.BertMLM; did you mean model.hidden_size?"),
+    ("data.split_seed=abc", "data.split_seed=abc is not a whole number"),
+    ("data.max_val_samples=many", "data.max_val_samples=many is not a whole number or null"),
+    ("data.packages=torch", "data.packages=torch is not a list of strings"),
+    ("model.dropout=true", "model.dropout=true is not a number"),
+    ("model=resnet18 data=digits data.mean=[0.5,x,0.5]", "data.mean=[0.5,x,0.5] is not a list of numbers"),
+])
+def test_model_and_data_keys_follow_their_targets_signature(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        precheck(overrides.split())
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_image_normalisation_takes_one_value_per_channel():
     from sift_cli.train import build
 
-    with pytest.raises(ConfigError, match="sift_cli.data.images.digits does not accept this config: .*colour"):
-        build(make_config(["data=digits", "+data.colour=red"]).data)
+    with pytest.raises(ConfigError, match=r"data.mean=\[0.5, 0.5\] is not allowed; give 3 values, one per channel"):
+        build(make_config(["data=digits", "data.mean=[0.5,0.5]"]).data)

@@ -290,8 +290,6 @@ def test_text_files_accept_one_path_and_explain_too_little_text(corpus_file, tmp
                                                             **COMMON).folder
     assert list(text_file_corpus(str(write(tmp_path / "a.txt", ["First one.", "Second\nparagraph.  "])))) == \
         ["First one.", "Second\nparagraph."]
-    with pytest.raises(ConfigError, match="text_files does not accept this config: data.packages is not one of its"):
-        build(corpus_file, tmp_path, packages=["torch"])  # a key of another data choice
     with pytest.raises(ConfigError, match="missing.txt, which is not a file"):
         text_file_corpus([str(tmp_path / "missing.txt")])
     with pytest.raises(ConfigError, match="empty.txt, which holds no text"):

@@ -113,6 +113,10 @@ class ImageData:
         if len(train) == 0 or len(val) == 0:
             raise ConfigError(f"{name} gives {len(train)} training and {len(val)} validation images; "
                               "both must be non-empty")
+        for key, values in (("mean", mean), ("std", std)):  # every image reaches the model in 3 channels
+            if len(values) != 3 or (key == "std" and min(values) <= 0):
+                raise ConfigError(f"data.{key}={list(values)} is not allowed; give 3 values, one per channel (RGB)"
+                                  f"{', all positive' if key == 'std' else ''}")
         self.name, self.train, self.val = name, train, val
         self.num_workers = resolve_workers(num_workers)
         self.num_train = len(train)

@@ -666,25 +666,26 @@ def _check_size(data: TextData, corpus: Corpus, meta: dict, val_fraction: float)
         f"data.seq_len or a {change} data.val_fraction")
 
 
-def _settings(builder: str, common: dict) -> dict:
-    """The keys shared by every text source (build's keywords); another key is a one-line error."""
-    unknown = sorted(set(common) - set(inspect.signature(build).parameters) - {"corpus"})
-    if unknown:
-        raise ConfigError(f"sift_cli.data.text.{builder} does not accept this config: data.{unknown[0]} is not one "
-                          f"of its keys")
-    return common
+def build_settings(entry: Callable) -> Callable:
+    """A text source whose **common are build's settings, with those in its signature: the config checks
+    (sift_cli.config.check_arguments) then see every key it takes and its type."""
+    own = [p for p in inspect.signature(entry, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+    shared = [p for p in inspect.signature(build, eval_str=True).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    entry.__signature__ = inspect.Signature(own + shared)
+    return entry
 
 
+@build_settings
 def docstrings(packages: Sequence[str] = (), **common) -> TextData:
-    common = _settings("docstrings", common)
     return build(docstring_corpus(packages or (), _cache(common.get("cache_dir"))), **common)
 
 
+@build_settings
 def text_files(paths: str | Sequence[str], **common) -> TextData:
-    return build(text_file_corpus(paths), **_settings("text_files", common))
+    return build(text_file_corpus(paths), **common)
 
 
+@build_settings
 def hf(name: str, text_column: str = "text", config_name: Optional[str] = None, split: str = "train",
        data_files=None, streaming: bool = False, **common) -> TextData:
-    common = _settings("hf", common)
     return build(hf_corpus(name, text_column, config_name, split, data_files, streaming), **common)
