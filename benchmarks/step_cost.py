@@ -46,7 +46,8 @@ from common import RESULTS, app_config, command_line, machine, markdown_table, s
 from sift_cli.config import first_line, validate
 from sift_cli.records import METRICS
 from sift_cli.hardware import synchronize
-from sift_cli.trainer import Clock, Selection, Step, autocast_for, fit, grad_scaler_for, prepare_step, to_device
+from sift_cli.trainer import (Clock, Selection, Step, autocast_for, fit, grad_scaler_for, prepare_step, restored,
+                              to_device)
 
 TARGET = ("bert_mini", 32, 1, 0.5)  # (model, batch, exit, frac) where measured/floor must stay <= 1.05
 LIMIT = 1.05
@@ -265,14 +266,30 @@ class Bench:
         return prepare_step(self.model, cfg, optimizer, grad_scaler_for(cfg.trainer.precision, self.device),
                             Selection.for_run(cfg, self.device), self.autocast, self.batches[0], 0, self.device)
 
-    def step_diagnostics(self, arm: Arm, steps: int = 3) -> tuple[str, str, Optional[dict[str, float]]]:
+    def dropout_per_step(self, step: Step) -> str:
+        """Whether the step's dropout follows the seed fit() sets before each step: the same loss for the same
+        seed, another for another (weights and batch alike). CUDA graphs replay what they recorded; a graph that
+        froze its random numbers would train every step with one dropout mask."""
+        if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()):
+            return "no dropout"
+        losses = []
+        with restored(self.model, step.optimizer):
+            for seed in (1, 1, 2):
+                torch.manual_seed(seed)
+                losses.append(step(self.batches[0], 0, update=False)[0].item())
+        if losses[0] != losses[1]:
+            return "not reproducible"
+        return "varies" if losses[1] != losses[2] else "FIXED"
+
+    def step_diagnostics(self, arm: Arm, steps: int = 3) -> tuple[str, str, str, Optional[dict[str, float]]]:
         """Host syncs in one train_step (torch.cuda.set_sync_debug_mode; CUDA only), the aten ops it dispatches
-        (eager arms), and the GPU's kernel time per step by kind (torch.profiler over `steps` steps): beside the
-        wall time per step, how busy the GPU was, so a step bound by the host's launches shows as one whose
-        kernels leave the GPU idle."""
+        (eager arms), whether its dropout changes from step to step, and the GPU's kernel time per step by kind
+        (torch.profiler over `steps` steps): beside the wall time per step, how busy the GPU was, so a step bound
+        by the host's launches shows as one whose kernels leave the GPU idle."""
         try:  # diagnostics: should something here fail, the timings still stand
             step = self.step_fn(arm)
             step(self.batches[0], 0)  # the first call allocates: not counted
+            dropout = self.dropout_per_step(step)
             ops = "-"
             if arm.mode is None:  # a dispatch mode would change what torch.compile traces
                 with OpCounter() as counter:
@@ -295,14 +312,14 @@ class Bench:
                     step(batch, i)
                 synchronize(self.device)
         except Exception as err:
-            return f"n/a ({type(err).__name__}: {first_line(err)})", "-", None
+            return f"n/a ({type(err).__name__}: {first_line(err)})", "-", "-", None
         finally:
             torch.compiler.reset()  # as fit() does: the next arm's graphs (and CUDA graph pools) replace these
         kernels = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
         for event in prof.events():
             if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
                 kernels[kernel_kind(event.name)] += event.device_time_total / 1e3 / steps
-        return syncs, ops, (kernels if any(kernels.values()) else None)
+        return syncs, ops, dropout, (kernels if any(kernels.values()) else None)
 
 
 class OpCounter(TorchDispatchMode):
@@ -402,14 +419,15 @@ def compile_cell(bench: Bench, arm: Arm) -> str:
 
 
 def diagnostic_cells(bench: Bench, arm: Arm, seconds_per_step: float) -> list[str]:
-    """Host syncs, aten ops, the GPU's kernel time per step by kind, and that time over the wall time of a step."""
+    """Host syncs, aten ops, dropout, the GPU's kernel time per step by kind, and that time over the wall time of a
+    step."""
     if not arm.fits:
-        return ["-", "-", "-", "-"]
-    syncs, ops, kernels = bench.step_diagnostics(arm)
+        return ["-", "-", "-", "-", "-"]
+    syncs, ops, dropout, kernels = bench.step_diagnostics(arm)
     if kernels is None:
-        return [syncs, ops, "-", "-"]
+        return [syncs, ops, dropout, "-", "-"]
     busy = sum(kernels.values())
-    return [syncs, ops, f"{busy:.1f} ({kernels['matmul']:.1f}, {kernels['attention']:.1f}, {kernels['other']:.1f})",
+    return [syncs, ops, dropout, f"{busy:.1f} ({kernels['matmul']:.1f}, {kernels['attention']:.1f}, {kernels['other']:.1f})",
             f"{busy / (seconds_per_step * 1e3):.0%}"]
 
 
@@ -454,8 +472,9 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
                         for k, f in sorted(score_flops.items())) + ".", "",
             markdown_table(["arm", "ms/step", "samples scored/s", "t / t_vanilla", "FLOP floor", "k/(3L)+frac",
                             "measured/floor", "MFU" if on_gpu else "TFLOP/s", "compile s"]
-                           + (["host syncs/step", "aten ops/step", "GPU kernels ms/step (matmul, attention, other)", "GPU busy"]
-                              if diagnose else []), rows), "",
+                           + (["host syncs/step", "aten ops/step", "dropout per step",
+                               "GPU kernels ms/step (matmul, attention, other)", "GPU busy"] if diagnose else []),
+                           rows), "",
             f"Vanilla arm against the hand-written loop: t_vanilla / t_minimal = "
             f"{spread([v / m for v, m in zip(vanilla_times, times[Arm('minimal')])])} (within 5%: at most 1.05); "
             f"textbook / minimal = {spread([t / m for t, m in zip(times[Arm('textbook')], times[Arm('minimal')])])}.",

@@ -42,6 +42,8 @@ def test_step_cost_reports_every_arm_with_its_flop_floor_and_diagnostics(corpus_
                                                                                                   "1.000")
     # the diagnostics ran on the step prepare_step builds (on a CPU: no CUDA kernels, no sync counter)
     assert sift["host syncs/step"] == "-" and sift["compile s"] == "-"
+    for arm in ("vanilla", "random f=0.5", "sift k=1 f=0.5"):  # the same seed, the same mask; another, another
+        assert rows[arm]["dropout per step"] == "varies", arm
     ops = {arm: [int(n.replace(",", "")) for n in re.findall(r"[\d,]+", rows[arm]["aten ops/step"])]
            for arm in ("vanilla", "random f=0.5", "sift k=1 f=0.5")}
     assert all(0 < views < total for total, views in ops.values())
