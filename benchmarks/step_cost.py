@@ -427,7 +427,8 @@ def diagnostic_cells(bench: Bench, arm: Arm, seconds_per_step: float) -> list[st
     if kernels is None:
         return [syncs, ops, dropout, "-", "-"]
     busy = sum(kernels.values())
-    return [syncs, ops, dropout, f"{busy:.1f} ({kernels['matmul']:.1f}, {kernels['attention']:.1f}, {kernels['other']:.1f})",
+    return [syncs, ops, dropout,
+            f"{busy:.1f} ({kernels['matmul']:.1f}, {kernels['attention']:.1f}, {kernels['other']:.1f})",
             f"{busy / (seconds_per_step * 1e3):.0%}"]
 
 

@@ -140,10 +140,9 @@ def _missing_values(cfg) -> None:
         raise ConfigError(f"{key} is required and has no value; set it on the command line, e.g. {example}")
 
 
-def model_depth(cfg) -> Optional[int]:
-    """The model's number of blocks from its config alone, without building it (None: from a checkpoint)."""
-    model = importable("model", cfg.model._target_, "sift_cli.models.bert.BertMLM")
-    check_arguments("model", cfg.model, model)
+def model_depth(cfg, model: type) -> Optional[int]:
+    """The model's number of blocks from its config and class alone, without building it (None: from a
+    checkpoint)."""
     if cfg.model.get("pretrained"):
         return None
     return cfg.model.get("num_layers") or getattr(model, "depth", None)
@@ -157,6 +156,9 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
     _unknown_keys(cfg.trainer, TrainerConfig, "trainer.")
     _unknown_keys(cfg.logger, LoggerConfig, "logger.")
     _missing_values(cfg)
+    model = importable("model", cfg.model._target_, "sift_cli.models.bert.BertMLM")
+    check_arguments("model", cfg.model, model)
+    check_arguments("data", cfg.data, importable("data", cfg.data._target_, "sift_cli.data.text.text_files"))
     if not (isinstance(cfg.frac, (int, float)) and 0 < cfg.frac <= 1):
         raise ConfigError(f"frac={cfg.frac} is outside (0, 1]; use e.g. frac=0.5 (frac=1.0 is vanilla training)")
     if cfg.exit_layer < 1:
@@ -166,7 +168,6 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
     for key in ("batch_size", "eval_batch_size"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]} must be a positive number of samples")
-    check_arguments("data", cfg.data, importable("data", cfg.data._target_, "sift_cli.data.text.text_files"))
     check_optimizer(t.optimizer)
     if str(t.resume) not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
         raise ConfigError(f"trainer.resume={t.resume} is not a folder; name a run's checkpoints/step-N folder, or "
@@ -208,7 +209,7 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
     if pretrained.startswith(("/", "./", "../", "~")) and not Path(pretrained).expanduser().is_dir():
         raise ConfigError(f"model.pretrained={pretrained} is not a folder; name a folder written by save_pretrained, "
                           f"or a hub name such as bert-base-uncased")
-    depth = model_depth(cfg)
+    depth = model_depth(cfg, model)
     if depth is not None:
         check_exit_layer(cfg.exit_layer, depth, model_name or cfg.model._target_.rsplit(".", 1)[-1])
     check_positions(cfg.data.get("seq_len"), None if cfg.model.get("pretrained") else cfg.model.get("max_position"))
@@ -239,7 +240,7 @@ def _fits(annotation: Any, value: Any) -> bool:
     if annotation in SCALAR_NAMES:
         return isinstance(value, annotation)
     if origin in (list, tuple, collections.abc.Sequence):
-        return isinstance(value, (list, tuple)) and all(_fits(args[0], v) for v in value) if args else True
+        return isinstance(value, (list, tuple)) and (not args or all(_fits(args[0], v) for v in value))
     return True
 
 

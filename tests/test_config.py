@@ -90,7 +90,8 @@ def test_checkpoint_tokenizer_follows_model_pretrained():
     ("data=digits +data.colour=red", "data.colour is not a key of sift_cli.data.images.digits; its keys: image_size"),
     ("data=text_files data.paths=[a.txt] +data.packages=[torch]",  # a key of another text source
      "data.packages is not a key of sift_cli.data.text.text_files"),
-    ("+data.seq_length=64", "data.seq_length is not a key of sift_cli.data.text.docstrings; did you mean data.seq_len?"),
+    ("+data.seq_length=64",
+     "data.seq_length is not a key of sift_cli.data.text.docstrings; did you mean data.seq_len?"),
     ("+model.hidden=64", "model.hidden is not a key of sift_cli.models.bert.BertMLM; did you mean model.hidden_size?"),
     ("data.split_seed=abc", "data.split_seed=abc is not a whole number"),
     ("data.max_val_samples=many", "data.max_val_samples=many is not a whole number or null"),
@@ -105,7 +106,8 @@ def test_bad_values_are_rejected_with_the_key_the_value_and_what_is_allowed(over
 
 
 def test_another_optimizer_is_a_target_and_its_own_keys():
-    precheck(["trainer.optimizer._target_=torch.optim.SGD", "~trainer.optimizer.betas", "+trainer.optimizer.momentum=0.9"])
+    precheck(["trainer.optimizer._target_=torch.optim.SGD", "~trainer.optimizer.betas",
+              "+trainer.optimizer.momentum=0.9"])
 
 
 def test_precheck_expands_sweeps_so_a_bad_value_stops_the_whole_sweep():
