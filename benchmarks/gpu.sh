@@ -62,10 +62,12 @@ fi
 if [[ $PART == all || $PART == step ]]; then
   # vanilla, the hand-written loops, random and SIFT (k=1, frac 0.5): eager, and compiled with CUDA graphs
   timeout "$(left 200)" python3 benchmarks/step_cost.py "${step[@]}" --out "$OUT/step_cost.md" || echo "step cost: exit $?"
+  grep -A5 "Against issue 14" "$OUT/step_cost.md" || true  # the verdict, in the call's output
 fi
 if [[ $PART == big ]]; then
   timeout "$(left 60)" python3 benchmarks/step_cost.py "${fp16[@]}" --out "$OUT/step_cost-fp16.md" || echo "fp16: exit $?"
   timeout "$(left 10)" python3 benchmarks/step_cost.py "${big[@]}" --out "$OUT/step_cost-512.md" || echo "step cost: exit $?"
+  grep -A4 "Against issue 14" "$OUT/step_cost-512.md" || true
 fi
 
 if [[ $PART == all || $PART == race ]]; then

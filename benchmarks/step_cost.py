@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import statistics
 import time
 import warnings
@@ -45,12 +46,17 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from common import RESULTS, app_config, command_line, machine, markdown_table, spread
 from sift_cli.config import first_line, validate
 from sift_cli.records import METRICS
-from sift_cli.hardware import synchronize
+from sift_cli.hardware import peak_flops, synchronize
 from sift_cli.trainer import (Clock, Selection, Step, autocast_for, fit, grad_scaler_for, prepare_step, restored,
                               to_device)
 
 TARGET = ("bert_mini", 32, 1, 0.5)  # (model, batch, exit, frac) where measured/floor must stay <= 1.05
 LIMIT = 1.05
+# issue 14's targets for one GPU (BERT-base at 256x128): (column, target text, met?)
+GPU_TARGETS = [("sift k=1 f=0.5 measured/floor", "at most 1.10", lambda v: v <= 1.10),
+               ("random f=0.5 / vanilla", "at most 0.60", lambda v: v <= 0.60),
+               ("vanilla MFU", "at least 0.40", lambda v: v >= 0.40),
+               ("host syncs/step (fit arms)", "0", lambda v: v == 0)]
 
 # FlopCounterMode has no formula for the CPU attention kernel (CUDA's flash/efficient kernels have
 # one), so on CPU it would miss the attention matmuls; these count them as torch counts CUDA's.
@@ -432,6 +438,23 @@ def diagnostic_cells(bench: Bench, arm: Arm, seconds_per_step: float) -> list[st
             f"{busy / (seconds_per_step * 1e3):.0%}"]
 
 
+def gpu_targets(medians: dict[Arm, dict]) -> str:
+    """Issue 14's targets against this setting's medians, one row per way of running the step (eager, compiled
+    in a mode): each cell the median and whether it meets its target; n/a where this run did not measure it."""
+    rows = []
+    for mode in dict.fromkeys(arm.mode for arm in medians if arm.fits):
+        sift, random, vanilla = (medians.get(Arm(kind, frac, 1, mode)) for kind, frac in
+                                 (("sift", 0.5), ("random", 0.5), ("vanilla", 1.0)))
+        syncs = [m["syncs"] for m in (sift, random, vanilla) if m]
+        values = [sift and sift["excess"], random and random["ratio"], vanilla and vanilla["mfu"],
+                  max(float(n) for n in syncs) if syncs and all(re.fullmatch(r"\d+", n) for n in syncs) else None]
+        rows.append([{None: "eager", "default": "compiled"}.get(mode, f"compiled {mode}")]
+                    + [f"{v:.3g} {'met' if met(v) else 'NOT met'}" if v is not None else "n/a"
+                       for v, (_, _, met) in zip(values, GPU_TARGETS)])
+    return ("Against issue 14's targets for one GPU (set for BERT-base at 256x128):\n\n"
+            + markdown_table(["step"] + [f"{name} ({target})" for name, target, _ in GPU_TARGETS], rows))
+
+
 def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: int, max_profiles: int,
                    diagnose: bool) -> tuple[str, list[str]]:
     """The markdown section of one model size, and one line per point for the console summary; with diagnose,
@@ -441,7 +464,8 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
     score_flops = {arm.exit_layer: bench.flops(arm.exit_layer) for arm in times if arm.kind == "sift"}
     vanilla_times = next(ts for arm, ts in times.items() if arm.kind == "vanilla")  # for the hand-written loops
     on_gpu = bench.device.type == "cuda"
-    rows, lines, over = [], [], []
+    known_peak = bool(peak_flops(bench.device))  # fit() records mfu where it knows the peak, else only tflops
+    rows, lines, over, medians = [], [], [], {}
     for arm, ts in times.items():
         # paired within each repetition, against the vanilla arm compiled alike
         base = times.get(Arm("vanilla", mode=arm.mode), vanilla_times)
@@ -456,11 +480,13 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
             floor = simple = 1.0
         excess = [r / floor for r in ratios] if floor else None
         mfu = bench.mfu.get(arm)
+        diagnostics = diagnostic_cells(bench, arm, statistics.median(ts)) if diagnose else []
+        medians[arm] = {"ratio": statistics.median(ratios), "excess": statistics.median(excess) if excess else None,
+                        "mfu": statistics.median(mfu) if mfu and known_peak else None, "syncs": diagnostics[0] if diagnostics else "-"}
         rows.append([arm.label, spread([t * 1e3 for t in ts]), f"{setting.batch / statistics.median(ts):,.0f}",
                      spread(ratios), f"{floor:.3f}" if floor else "-", f"{simple:.3f}" if simple else "-",
                      spread(excess) if excess else "-", f"{statistics.median(mfu):.3g}" if mfu else "-",
-                     compile_cell(bench, arm)]
-                    + (diagnostic_cells(bench, arm, statistics.median(ts)) if diagnose else []))
+                     compile_cell(bench, arm)] + diagnostics)
         if arm.kind == "sift" and statistics.median(excess) > LIMIT:
             over.append((statistics.median(excess), arm))
         lines.append(f"{setting} {arm.label:>18}: {statistics.median(ts) * 1e3:8.1f} ms/step  "
@@ -472,7 +498,7 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
             + ", ".join(f"k={k} {f / 1e9:.2f} GFLOP ({f / vanilla_flops:.3f} of vanilla)"
                         for k, f in sorted(score_flops.items())) + ".", "",
             markdown_table(["arm", "ms/step", "samples scored/s", "t / t_vanilla", "FLOP floor", "k/(3L)+frac",
-                            "measured/floor", "MFU" if on_gpu else "TFLOP/s", "compile s"]
+                            "measured/floor", "MFU" if known_peak else "TFLOP/s", "compile s"]
                            + (["host syncs/step", "aten ops/step", "dropout per step",
                                "GPU kernels ms/step (matmul, attention, other)", "GPU busy"] if diagnose else []),
                            rows), "",
@@ -480,6 +506,8 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
             f"{spread([v / m for v, m in zip(vanilla_times, times[Arm('minimal')])])} (within 5%: at most 1.05); "
             f"textbook / minimal = {spread([t / m for t, m in zip(times[Arm('textbook')], times[Arm('minimal')])])}.",
             "", optimizer_line(bench, statistics.median(vanilla_times))]
+    if on_gpu or diagnose:
+        text += ["", gpu_targets(medians)]
     over.sort(key=lambda item: -item[0])
     if over and max_profiles:
         vanilla_ops = bench.profile(Arm("vanilla"), profile_steps)

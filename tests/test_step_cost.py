@@ -13,11 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import step_cost  # noqa: E402
 
 
-def table(report: str) -> dict[str, dict[str, str]]:
-    lines = [line for line in report.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return {cells[0]: dict(zip(header, cells)) for cells in
-            ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+def tables(report: str) -> list[dict[str, dict[str, str]]]:
+    """Every markdown table of the report, each as {first cell: {column: cell}}."""
+    found = []
+    for block in re.findall(r"(?:^\|.*\n?)+", report, re.M):
+        lines = [[c.strip() for c in line.strip("|").split("|")] for line in block.strip().splitlines()]
+        found.append({cells[0]: dict(zip(lines[0], cells)) for cells in lines[2:]})
+    return found
 
 
 def test_step_cost_reports_every_arm_with_its_flop_floor_and_diagnostics(corpus_file, tmp_path, monkeypatch):
@@ -29,7 +31,7 @@ def test_step_cost_reports_every_arm_with_its_flop_floor_and_diagnostics(corpus_
         *[arg for override in data for arg in ("--set", override)]])
     step_cost.main()
     report = out.read_text()
-    rows = table(report)
+    rows, targets = tables(report)
     assert list(rows) == ["vanilla", "minimal", "textbook", "random f=0.5", "sift k=1 f=0.5"]
     for arm, row in rows.items():
         assert float(row["ms/step"].split()[0]) > 0, arm
@@ -49,3 +51,9 @@ def test_step_cost_reports_every_arm_with_its_flop_floor_and_diagnostics(corpus_
     assert all(0 < views < total for total, views in ops.values())
     assert ops["sift k=1 f=0.5"][0] > ops["random f=0.5"][0]  # the scoring pass, which random does not run
     assert "Fixed cost per step" in report
+    # issue 14's targets, read from the same medians: on a CPU no MFU and no sync counter
+    eager = targets["eager"]
+    excess = next(v for k, v in eager.items() if k.startswith("sift k=1 f=0.5 measured/floor")).split()
+    assert float(excess[0]) == pytest.approx(float(sift["measured/floor"].split()[0]), abs=0.01)
+    assert excess[1] == ("met" if float(excess[0]) <= 1.10 else "NOT")
+    assert [v for k, v in eager.items() if k.startswith(("vanilla MFU", "host syncs"))] == ["n/a", "n/a"]
