@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 CRITERIA = ("loss", "entropy", "random", "gradnorm", "loss_proportional", "diverse")
 PEER_CRITERIA = ("gradnorm", "loss_proportional", "diverse")  # the peers' rules, named as they are
@@ -140,6 +141,14 @@ def _missing_values(cfg) -> None:
         raise ConfigError(f"{key} is required and has no value; set it on the command line, e.g. {example}")
 
 
+def _interpolations(cfg) -> None:
+    """Every ${...} resolves: a missing environment variable or key is one line naming where it is used."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as err:
+        raise ConfigError(f"{err.full_key} cannot be resolved: {first_line(err)}") from None
+
+
 def model_depth(cfg, model: type) -> Optional[int]:
     """The model's number of blocks from its config and class alone, without building it (None: from a
     checkpoint)."""
@@ -155,6 +164,7 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
     _unknown_keys(cfg, Config, "")
     _unknown_keys(cfg.trainer, TrainerConfig, "trainer.")
     _unknown_keys(cfg.logger, LoggerConfig, "logger.")
+    _interpolations(cfg)
     _missing_values(cfg)
     model = importable("model", cfg.model._target_, "sift_cli.models.bert.BertMLM")
     check_arguments("model", cfg.model, model)

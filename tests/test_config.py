@@ -86,6 +86,8 @@ def test_checkpoint_tokenizer_follows_model_pretrained():
     ("data._target_=sift_cli.data.text.nothing", "data._target_=sift_cli.data.text.nothing cannot be imported"),
     ("trainer.resume=/no/such/folder", "trainer.resume=/no/such/folder is not a folder"),
     ("model.pretrained=./no/such/folder", "model.pretrained=./no/such/folder is not a folder"),
+    ("data.cache_dir=${oc.env:SIFT_TEST_UNSET}", "data.cache_dir cannot be resolved: "),
+    ("trainer.max_time_s=${nowhere}", "trainer.max_time_s cannot be resolved: "),
     # model and data: the signature of their target is their schema
     ("data=digits +data.colour=red", "data.colour is not a key of sift_cli.data.images.digits; its keys: image_size"),
     ("data=text_files data.paths=[a.txt] +data.packages=[torch]",  # a key of another text source
