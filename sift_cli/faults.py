@@ -7,7 +7,8 @@ its manifest), `checkpoint-rename` (complete, before the rename), `metrics-line`
 written).
 
 `SIFT_TEST_SIGNAL=<SIGNAME>:<step>` sends the signal after that training step to the whole process
-group, as SLURM's preemption signal or a terminal's Ctrl-C reaches the run and its data workers.
+group, as SLURM's preemption signal or a terminal's Ctrl-C reaches the run and its data workers;
+`SIFT_TEST_SIGNAL=<SIGNAME>:<point>:<step>` at another point (`data`: before the data is built).
 Start such a run in a session of its own (`start_new_session=True`): the group is then the run.
 """
 
@@ -26,5 +27,6 @@ def kill_point(point: str, step: int) -> None:
     if armed(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
     name, _, at = os.environ.get("SIFT_TEST_SIGNAL", "").partition(":")
-    if point == "step" and at == str(step):
+    at_point, _, at_step = at.rpartition(":")
+    if name and (at_point or "step", at_step) == (point, str(step)):
         os.killpg(os.getpgrp(), signal.Signals[name])

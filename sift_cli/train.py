@@ -29,6 +29,7 @@ from sift_cli import __version__, distributed
 from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, holds_run, load_tensors,
                                  read_run, verify)
 from sift_cli.config import ConfigError, check_exit_layer, check_positions, first_line, method, run_name, validate
+from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
 from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, Recorder, time_to_target, write_atomic
 from sift_cli.trainer import fit
@@ -139,6 +140,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.seed)
+    kill_point("data", 0)
     data = build(cfg.data)
     model_name = choices.get("model") or cfg.model._target_.rsplit(".", 1)[-1]
     task = get_class(cfg.model._target_).task
@@ -248,6 +250,10 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         fail(err)
     except Stopped as stopped:
         stopped.exit()
+    except KeyboardInterrupt:  # Ctrl-C before training began (reading data, compiling), or a second one
+        print(f"sift-train: interrupted; {hc.runtime.output_dir} keeps what was written before (a checkpoint "
+              "only if training had reached one)", file=sys.stderr)
+        sys.exit(130)
     return summary["final_val_acc"]  # what a Hydra sweeper optimises
 
 

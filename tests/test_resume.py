@@ -264,6 +264,15 @@ def test_ctrl_c_stops_the_sweep_after_recording_the_current_job(corpus_file, tmp
     assert not (tmp_path / "1").exists()  # the next job never started
 
 
+def test_ctrl_c_before_training_is_one_line_and_stops_the_sweep(corpus_file, tmp_path):
+    out = sweep(tmp_path, corpus_file, SIFT_TEST_SIGNAL="SIGINT:data:0")  # while the data would be read
+    assert out.returncode == 130
+    assert out.stderr.strip().splitlines()[-1] == (f"sift-train: interrupted; {tmp_path / '0'} keeps what was "
+                                                   "written before (a checkpoint only if training had reached one)")
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "0" / "summary.json").exists() and not (tmp_path / "1").exists()
+
+
 def test_default_run_folder_names_do_not_collide(monkeypatch):
     names = set()
     for _ in range(2):  # two processes started in the same second
