@@ -157,10 +157,12 @@ def model_depth(cfg, model: type) -> Optional[int]:
     return cfg.model.get("num_layers") or getattr(model, "depth", None)
 
 
-def validate(cfg, model_name: Optional[str] = None) -> None:
+def validate(cfg, choices: Optional[dict] = None) -> None:
     """Check every value that can be checked without data or model. Raises ConfigError.
 
-    model_name: the model's choice name (e.g. bert_tiny), for messages; the target's class otherwise."""
+    choices: the config groups' choices (e.g. model=bert_tiny), for messages; the targets' names otherwise."""
+    choices = choices or {}
+    model_name = choices.get("model") or cfg.model._target_.rsplit(".", 1)[-1]
     _unknown_keys(cfg, Config, "")
     _unknown_keys(cfg.trainer, TrainerConfig, "trainer.")
     _unknown_keys(cfg.logger, LoggerConfig, "logger.")
@@ -168,7 +170,10 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
     _missing_values(cfg)
     model = importable("model", cfg.model._target_, "sift_cli.models.bert.BertMLM")
     check_arguments("model", cfg.model, model)
-    check_arguments("data", cfg.data, importable("data", cfg.data._target_, "sift_cli.data.text.text_files"))
+    data = importable("data", cfg.data._target_, "sift_cli.data.text.text_files")
+    check_arguments("data", cfg.data, data)
+    check_task(model, getattr(inspect.signature(data, eval_str=True).return_annotation, "task", None), model_name,
+               choices.get("data") or cfg.data._target_.rsplit(".", 1)[-1])
     if not (isinstance(cfg.frac, (int, float)) and 0 < cfg.frac <= 1):
         raise ConfigError(f"frac={cfg.frac} is outside (0, 1]; use e.g. frac=0.5 (frac=1.0 is vanilla training)")
     if cfg.exit_layer < 1:
@@ -221,7 +226,7 @@ def validate(cfg, model_name: Optional[str] = None) -> None:
                           f"or a hub name such as bert-base-uncased")
     depth = model_depth(cfg, model)
     if depth is not None:
-        check_exit_layer(cfg.exit_layer, depth, model_name or cfg.model._target_.rsplit(".", 1)[-1])
+        check_exit_layer(cfg.exit_layer, depth, model_name)
     check_positions(cfg.data.get("seq_len"), None if cfg.model.get("pretrained") else cfg.model.get("max_position"))
 
 
@@ -313,6 +318,15 @@ def check_positions(seq_len: Optional[int], positions: Optional[int]) -> None:
     if positions and seq_len and seq_len > positions:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the model's {positions} positions "
                           f"(model.max_position); use data.seq_len={positions} or less")
+
+
+def check_task(model: type, data_task: Optional[str], model_name: str, data_name: str) -> None:
+    """A model trains on one kind of data (its class's `task`, e.g. mlm or image); the data must be of that kind.
+    data_task: the data's, from the built data or its target's return annotation (None: not known yet)."""
+    task = getattr(model, "task", None)
+    if task and data_task and task != data_task:
+        raise ConfigError(f"model={model_name} trains on {task} data but data={data_name} is {data_task} data; "
+                          f"pick a data choice of the same task")
 
 
 def check_exit_layer(exit_layer: int, depth: int, model_name: str) -> None:

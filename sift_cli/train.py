@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sift_cli import __version__, distributed
 from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, holds_run, load_tensors,
                                  read_run, verify)
-from sift_cli.config import ConfigError, check_exit_layer, check_positions, first_line, method, run_name, validate
+from sift_cli.config import (ConfigError, check_exit_layer, check_positions, check_task, first_line, method, run_name,
+                             validate)
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
 from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, Recorder, time_to_target, write_atomic
@@ -114,7 +115,7 @@ def writable(folder: Path, what: str) -> None:
 def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: Optional[str] = None,
         show_progress: bool = False) -> dict:
     """One training run, from a composed config to a complete record in `run_dir`: new, resumed or extended."""
-    validate(cfg, (choices or {}).get("model"))
+    validate(cfg, choices)
     distributed.init()
     world = distributed.world()
     if cfg.trainer.batch_size % world:
@@ -143,10 +144,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     kill_point("data", 0)
     data = build(cfg.data)
     model_name = choices.get("model") or cfg.model._target_.rsplit(".", 1)[-1]
-    task = get_class(cfg.model._target_).task
-    if task != data.task:
-        raise ConfigError(f"model={model_name} trains on {task} data but data={choices.get('data', '?')} "
-                          f"is {data.task} data; pick a data choice of the same task")
+    check_task(get_class(cfg.model._target_), data.task, model_name, choices.get("data") or cfg.data._target_)
     model = build(cfg.model, **data.model_args).to(device)
     check_exit_layer(cfg.exit_layer, model.depth, model_name)
     check_positions(cfg.data.get("seq_len"), getattr(model, "max_length", None))  # a checkpoint's own limit
@@ -187,7 +185,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         hit = time_to_target(record.rows, target)
         targets[f"time_to_target/{target:g}"] = hit["train_time_s"] if hit else None
         targets[f"steps_to_target/{target:g}"] = hit["step"] if hit else None
-    summary = {"method": arm, "run_name": name, "task": task, "model": model_name,
+    summary = {"method": arm, "run_name": name, "task": data.task, "model": model_name,
                "data": choices.get("data"), "depth": model.depth, "exit_layer": cfg.exit_layer,
                "frac": cfg.frac, "criterion": cfg.criterion, "seed": cfg.seed, "device": device.type,
                "accelerator": accelerator(device), "world_size": world, **getattr(data, "setting", {}),
@@ -326,10 +324,10 @@ def precheck(args: list[str]) -> None:
             for job in jobs:
                 try:
                     cfg = compose(config_name=parsed.config_name or "config", overrides=job, return_hydra_config=True)
-                    model_name = cfg.hydra.runtime.choices.get("model")
+                    choices = dict(cfg.hydra.runtime.choices)
                     with open_dict(cfg):
                         del cfg["hydra"]
-                    validate(cfg, model_name)
+                    validate(cfg, choices)
                     if run_dir and not parsed.multirun:  # before Hydra writes .hydra/ into a folder it must refuse
                         check_folder(run_dir, OmegaConf.to_container(cfg, resolve=True), str(cfg.trainer.resume))
                 except MissingConfigException as err:  # an unknown choice in a config group

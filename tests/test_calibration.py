@@ -26,7 +26,7 @@ def test_every_arm_expands_to_valid_overrides_with_an_equal_sample_budget():
     settings = list(c.SETTINGS)
     for number, arm in enumerate(c.ARMS):  # every arm, and every setting with some arm (composing takes time)
         cfg = make_config(c.overrides(model, depth, settings[number % len(settings)], arm, seed=1))
-        validate(cfg, "bert_tiny")
+        validate(cfg, {"model": "bert_tiny"})
         kept = math.ceil(cfg.frac * cfg.trainer.batch_size)
         assert cfg.trainer.max_steps * kept == model.samples  # every arm back-propagates the same samples
         assert cfg.trainer.eval_every_steps * kept == model.eval_every  # ... evaluated at the same counts

@@ -14,7 +14,10 @@ def choices(group):
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
 def test_every_config_group_choice_composes_and_validates(group, choice):
-    extra = {"data": {"text_files": ["data.paths=[a.txt]"], "hf": ["data.name=x"], "image_folder": ["data.root=x"]}}
+    extra = {"data": {"text_files": ["data.paths=[a.txt]"], "hf": ["data.name=x"],
+                      "image_folder": ["data.root=x", "model=resnet18"], "digits": ["model=resnet18"],
+                      "cifar10": ["model=resnet18"]},
+             "model": {"resnet18": ["data=digits"], "resnet50": ["data=digits"]}}
     cfg = make_config([f"{group}={choice}", *extra.get(group, {}).get(choice, [])])
     validate(cfg)
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -89,6 +92,7 @@ def test_checkpoint_tokenizer_follows_model_pretrained():
     ("data.cache_dir=${oc.env:SIFT_TEST_UNSET}", "data.cache_dir cannot be resolved: "),
     ("trainer.max_time_s=${nowhere}", "trainer.max_time_s cannot be resolved: "),
     # model and data: the signature of their target is their schema
+    ("model=resnet18", "model=resnet18 trains on image data but data=docstrings is mlm data; pick a data choice"),
     ("data=digits +data.colour=red", "data.colour is not a key of sift_cli.data.images.digits; its keys: image_size"),
     ("data=text_files data.paths=[a.txt] +data.packages=[torch]",  # a key of another text source
      "data.packages is not a key of sift_cli.data.text.text_files"),

@@ -669,9 +669,10 @@ def _check_size(data: TextData, corpus: Corpus, meta: dict, val_fraction: float)
 def build_settings(entry: Callable) -> Callable:
     """A text source whose **common are build's settings, with those in its signature: the config checks
     (sift_cli.config.check_arguments) then see every key it takes and its type."""
-    own = [p for p in inspect.signature(entry, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+    own = inspect.signature(entry, eval_str=True)
     shared = [p for p in inspect.signature(build, eval_str=True).parameters.values() if p.kind == p.KEYWORD_ONLY]
-    entry.__signature__ = inspect.Signature(own + shared)
+    entry.__signature__ = own.replace(parameters=[p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+                                      + shared)
     return entry
 
 
