@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional
@@ -37,6 +38,8 @@ from sift_cli.trainer import fit
 
 log = logging.getLogger("sift_cli")
 CONF = Path(__file__).resolve().parents[1] / "conf"
+PACKAGE = Path(__file__).resolve().parent
+_python_warning = warnings.formatwarning
 HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
 STAMP = "SIFT_RUN_STAMP"  # the run's start time and a random suffix: default folder names never collide
 
@@ -230,6 +233,13 @@ def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config:
     return folder, state
 
 
+def warning_line(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings as one line, as our errors are; other libraries' as Python prints them."""
+    if Path(filename).resolve().is_relative_to(PACKAGE):
+        return f"sift-train: warning: {message}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
 def fail(err: Exception) -> None:
     print(f"sift-train: error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -360,6 +370,7 @@ def main() -> None:
     if "--version" in sys.argv[1:]:
         print(f"sift-train {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})")
         return
+    warnings.formatwarning = warning_line
     try:
         precheck(sys.argv[1:])
         _agree_on_folders()  # only after every check: a bad value never waits for the other processes

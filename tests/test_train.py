@@ -183,6 +183,15 @@ def test_cli_help_and_cfg_show_groups_and_the_composed_config():
     assert "num_layers: 12" in job and "frac: 0.25" in job
 
 
+def test_cli_warnings_of_our_own_are_one_line(corpus_file, tmp_path):
+    out = sift_train(*tiny_overrides(corpus_file), "trainer.max_steps=1", "trainer.precision=fp16",
+                     f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if "fp16" in line]
+    assert lines == ["sift-train: warning: trainer.precision=fp16 on a CPU: most CPUs have no fast fp16 arithmetic, "
+                     "so this trains several times slower than fp32; fp16 is meant for GPUs without bf16"], out.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["model=gpt2"], "model=gpt2 is not a known model"),
     (["criterion=margin"], "criterion=margin is not allowed"),
