@@ -522,21 +522,33 @@ class Training:
     """One run in training: its state, clock, records and checkpoints, and what fit()'s loop does between steps
     (the learning rate, evaluations, diagnostics, checkpoints), one method each."""
 
-    def __init__(self, model, cfg, optimizer, base_lrs: list[float], scaler: torch.amp.GradScaler, sel: Selection,
-                 state: TrainState, record: Recorder, checkpointer: Checkpointer, val: list[dict],
-                 gate: Optional[Gate], device: torch.device, meta: dict):
-        t = cfg.trainer
-        self.cfg, self.model, self.core, self.optimizer = cfg, model, distributed.unwrap(model), optimizer
-        self.scaler, self.autocast = scaler, autocast_for(t.precision, device)
-        self.sel, self.state, self.record = sel, state, record
-        self.checkpointer, self.val, self.gate, self.device, self.meta = checkpointer, val, gate, device, meta
-        self.clock, self.wall_start = Clock(device, state.train_time_s), time.perf_counter()
-        self.base_lrs = base_lrs
+    def __init__(self, model, data, cfg, record: Recorder, checkpointer: Checkpointer,
+                 resumed: Optional[tuple[dict, dict]], device: torch.device, meta: dict):
+        """Ready to train: the selection, optimizer, gradient scaler and state (a checkpoint's, or fresh), the
+        model wrapped for several processes, this process's validation shard, and the data workers' gate."""
+        t, world, rank = cfg.trainer, distributed.world(), distributed.rank()
+        self.sel = Selection.for_run(cfg, device)
+        if data.num_train < self.sel.scored * world:
+            raise ConfigError(f"trainer.batch_size draws {self.sel.scored * world} samples per step but the training "
+                              f"set has {data.num_train}; use a smaller batch or more data")
+        self.optimizer = instantiate(t.optimizer)(params=model.parameters())
+        # the config's rates, read before restore(): a checkpoint's param groups hold scheduled ones
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.scaler = grad_scaler_for(t.precision, device)
+        self.state = restore(model, self.optimizer, self.scaler, resumed, checkpointer, device)
+        self.model, self.core = distributed.wrap(model, device), model
+        self.val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size, rank, world)]
+        if not self.val:
+            raise ConfigError(f"the validation set has too few samples to give each of {world} processes one")
+        self.gate = Gate() if data.num_workers else None
+        self.cfg, self.record, self.checkpointer, self.device, self.meta = cfg, record, checkpointer, device, meta
+        self.autocast = autocast_for(t.precision, device)
+        self.clock, self.wall_start = Clock(device, self.state.train_time_s), time.perf_counter()
         self.horizon = {"steps": t.max_steps, "time": t.max_time_s,
                         "samples": t.max_steps * t.batch_size if t.max_steps else None}[t.schedule_unit]
         self.step_fn: Optional[Step] = None  # prepare() sets it
         self.peak = peak_flops(device)
-        self.marks = (state.step, state.train_time_s)  # where the current evaluation window began
+        self.marks = (self.state.step, self.state.train_time_s)  # where the current evaluation window began
 
     def prepare(self, batch: dict) -> Step:
         self.step_fn = prepare_step(self.model, self.cfg, self.optimizer, self.scaler, self.sel, self.autocast,
@@ -677,22 +689,9 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     """Train until a budget runs out or a stop is requested. Returns the totals for summary.json."""
     t = cfg.trainer
     world, rank = distributed.world(), distributed.rank()
-    sel = Selection.for_run(cfg, device)
-    if data.num_train < sel.scored * world:
-        raise ConfigError(f"trainer.batch_size draws {sel.scored * world} samples per step but the training set "
-                          f"has {data.num_train}; use a smaller batch or more data")
-    optimizer = instantiate(t.optimizer)(params=model.parameters())
-    base_lrs = [g["lr"] for g in optimizer.param_groups]  # the config's: a checkpoint holds scheduled ones
-    scaler = grad_scaler_for(t.precision, device)
-    state = restore(model, optimizer, scaler, resumed, checkpointer, device)
-    model = distributed.wrap(model, device)
-    val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size, rank, world)]
-    if not val:
-        raise ConfigError(f"the validation set has too few samples to give each of {world} processes one")
-    gate = Gate() if data.num_workers else None
+    training = Training(model, data, cfg, record, checkpointer, resumed, device, meta)
+    model, sel, state, gate = training.model, training.sel, training.state, training.gate
     stream = batch_stream(data, sel.scored * world, cfg.seed, state.step, device, gate)
-    training = Training(model, cfg, optimizer, base_lrs, scaler, sel, state, record, checkpointer, val, gate,
-                        device, meta)
     batch = to_device(next(stream), device)
     step_fn = training.prepare(batch)
     clock = training.clock
