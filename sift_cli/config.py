@@ -161,13 +161,13 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
     """Check every value that can be checked without data or model. Raises ConfigError.
 
     choices: the config groups' choices (e.g. model=bert_tiny), for messages; the targets' names otherwise."""
-    choices = choices or {}
-    model_name = choices.get("model") or cfg.model._target_.rsplit(".", 1)[-1]
     _unknown_keys(cfg, Config, "")
     _unknown_keys(cfg.trainer, TrainerConfig, "trainer.")
     _unknown_keys(cfg.logger, LoggerConfig, "logger.")
     _interpolations(cfg)
     _missing_values(cfg)
+    choices = choices or {}
+    model_name = choices.get("model") or cfg.model._target_.rsplit(".", 1)[-1]
     model = importable("model", cfg.model._target_, "sift_cli.models.bert.BertMLM")
     check_arguments("model", cfg.model, model)
     data = importable("data", cfg.data._target_, "sift_cli.data.text.text_files")
