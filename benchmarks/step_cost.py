@@ -482,7 +482,8 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
         mfu = bench.mfu.get(arm)
         diagnostics = diagnostic_cells(bench, arm, statistics.median(ts)) if diagnose else []
         medians[arm] = {"ratio": statistics.median(ratios), "excess": statistics.median(excess) if excess else None,
-                        "mfu": statistics.median(mfu) if mfu and known_peak else None, "syncs": diagnostics[0] if diagnostics else "-"}
+                        "mfu": statistics.median(mfu) if mfu and known_peak else None,
+                        "syncs": diagnostics[0] if diagnostics else "-"}
         rows.append([arm.label, spread([t * 1e3 for t in ts]), f"{setting.batch / statistics.median(ts):,.0f}",
                      spread(ratios), f"{floor:.3f}" if floor else "-", f"{simple:.3f}" if simple else "-",
                      spread(excess) if excess else "-", f"{statistics.median(mfu):.3g}" if mfu else "-",
@@ -506,7 +507,7 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
             f"{spread([v / m for v, m in zip(vanilla_times, times[Arm('minimal')])])} (within 5%: at most 1.05); "
             f"textbook / minimal = {spread([t / m for t, m in zip(times[Arm('textbook')], times[Arm('minimal')])])}.",
             "", optimizer_line(bench, statistics.median(vanilla_times))]
-    if on_gpu or diagnose:
+    if diagnose:  # always on a GPU
         text += ["", gpu_targets(medians)]
     over.sort(key=lambda item: -item[0])
     if over and max_profiles:
