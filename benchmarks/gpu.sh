@@ -1,14 +1,16 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # SIFT on one GPU within one device call (at most 10 min): the step cost of BERT-base at 256x128 eager
-# and compiled under CUDA graphs (host syncs, GPU kernel time and busy share, MFU), then a time-to-accuracy
-# race of vanilla, SIFT and random, one seed after another until the budget runs out (each seed's report
+# and compiled under CUDA graphs (host syncs, GPU kernel time and busy share, MFU, the kernels outside matrix
+# products, whether the compiled step trains as the eager one), then a time-to-accuracy race of vanilla,
+# SIFT and random under CUDA graphs, one seed after another until the budget runs out (each seed's report
 # is complete). The first line brings hydra-core, omegaconf and antlr4 from the wheels in .whl/ (the lent
 # machine lacks them; `pip download` them, see benchmarks/README.md); the repo is the working directory.
 #
 #   bash benchmarks/gpu.sh [all|step|race|big]   all (default): step, then race; big: the fp16 step's host
 #                            syncs (BERT-Mini, ~1 min), then BERT-base at 512x128, CUDA graphs only
 #   GPU_BUDGET_S=550         seconds this call may take in all (the device tool's limit is 600 per call)
-#   RACE_COMPILE=false RACE_COMPILE_MODE=null    the race's trainer.compile and trainer.compile_mode
+#   RACE_COMPILE=true RACE_COMPILE_MODE=reduce-overhead    the race's trainer.compile and trainer.compile_mode
+#                            (results/gpu-h200/ raced eagerly: RACE_COMPILE=false RACE_COMPILE_MODE=null)
 #   GPU_DRY=1 OUT=/tmp/out PATH=$PWD/.venv/bin:$PATH bash -c 'sed 1d benchmarks/gpu.sh | bash -s -- all'
 #       a rehearsal on the CPU with bert_tiny and tiny batches: every command runs, in a few minutes
 set -euo pipefail
@@ -32,8 +34,8 @@ fp16=(--model bert_mini:64x128 --exits 1 --fracs 0.5 --reps 1 --warmup 2 --steps
 # BERT-Small learns within 20 s at this size (BERT-base does not leave its first plateau in 40 s); the corpus
 # and shapes are the step cost's (the standard library's docstrings, vocabulary 8192, 256x128)
 race=(model=bert_small trainer.batch_size=256 'data.packages=[]' data.vocab_size=8192 data.seq_len=128
-      trainer.max_time_s=20 trainer.eval_every_s=2 "trainer.compile=${RACE_COMPILE:-false}"
-      "trainer.compile_mode=${RACE_COMPILE_MODE:-null}")
+      trainer.max_time_s=20 trainer.eval_every_s=2 "trainer.compile=${RACE_COMPILE:-true}"
+      "trainer.compile_mode=${RACE_COMPILE_MODE:-reduce-overhead}")
 race_args=(--experiment tta_gpu --arms vanilla,sift-loss,random --lrs 1e-3)
 if [[ -n "${GPU_DRY:-}" ]]; then  # the same commands on the CPU, small enough to finish in minutes
   step=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 2 --warmup 1 --steps 2 --max-profiles 0
@@ -43,8 +45,8 @@ if [[ -n "${GPU_DRY:-}" ]]; then  # the same commands on the CPU, small enough t
   fp16=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0
         --compile off --diagnose --device cpu --set trainer.precision=fp16)
   race=(model=bert_tiny trainer.batch_size=8 trainer.max_time_s=4 trainer.eval_every_s=2 trainer.device=cpu
-        data.seq_len=32 data.max_val_samples=16 "trainer.compile=${RACE_COMPILE:-false}"
-        "trainer.compile_mode=${RACE_COMPILE_MODE:-null}")
+        data.seq_len=32 data.max_val_samples=16 "trainer.compile=${RACE_COMPILE:-true}"
+        "trainer.compile_mode=${RACE_COMPILE_MODE:-reduce-overhead}")
   rm -rf /tmp/tta-gpu  # a rehearsal starts afresh: the race keeps finished runs, which would not run again
 else
   python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"

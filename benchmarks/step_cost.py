@@ -25,13 +25,15 @@ was, which tells a step bound by the host's launches (cured by CUDA graphs) from
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import os
 import random
 import re
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +54,7 @@ from sift_cli.trainer import (Clock, Selection, Step, autocast_for, fit, grad_sc
 
 TARGET = ("bert_mini", 32, 1, 0.5)  # (model, batch, exit, frac) where measured/floor must stay <= 1.05
 LIMIT = 1.05
+AS_EAGER = 0.02  # a compiled step's losses within 2% of the eager step's: bf16 kernels fused otherwise, no more
 # issue 14's targets for one GPU (BERT-base at 256x128): (column, target text, met?)
 GPU_TARGETS = [("sift k=1 f=0.5 measured/floor", "at most 1.10", lambda v: v <= 1.10),
                ("random f=0.5 / vanilla", "at most 0.60", lambda v: v <= 0.60),
@@ -287,21 +290,20 @@ class Bench:
             return "not reproducible"
         return "varies" if losses[1] != losses[2] else "FIXED"
 
-    def step_diagnostics(self, arm: Arm, steps: int = 3) -> tuple[str, str, str, Optional[dict[str, float]]]:
+    def step_diagnostics(self, arm: Arm, steps: int = 3) -> "Diagnostics":
         """Host syncs in one train_step (torch.cuda.set_sync_debug_mode; CUDA only), the aten ops it dispatches
         (eager arms), whether its dropout changes from step to step, and the GPU's kernel time per step by kind
-        (torch.profiler over `steps` steps): beside the wall time per step, how busy the GPU was, so a step bound
-        by the host's launches shows as one whose kernels leave the GPU idle."""
+        and by kernel (torch.profiler over `steps` steps): beside the wall time per step, how busy the GPU was, so
+        a step bound by the host's launches shows as one whose kernels leave the GPU idle."""
+        found = Diagnostics()
         try:  # diagnostics: should something here fail, the timings still stand
             step = self.step_fn(arm)
             step(self.batches[0], 0)  # the first call allocates: not counted
-            dropout = self.dropout_per_step(step)
-            ops = "-"
+            found.dropout = self.dropout_per_step(step)
             if arm.mode is None:  # a dispatch mode would change what torch.compile traces
                 with OpCounter() as counter:
                     step(self.batches[1], 1)
-                ops = f"{counter.ops:,} ({counter.views:,} views)"
-            syncs = "-"
+                found.ops = f"{counter.ops:,} ({counter.views:,} views)"
             if self.device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
@@ -310,7 +312,7 @@ class Bench:
                         step(self.batches[1], 1)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-                syncs = f"{sum('synchroniz' in str(w.message) for w in caught):g}"
+                found.syncs = f"{sum('synchroniz' in str(w.message) for w in caught):g}"
             batches = [self.batches[i % len(self.batches)] for i in range(2, 2 + steps)]
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             with profile(activities=activities) as prof:
@@ -318,14 +320,58 @@ class Bench:
                     step(batch, i)
                 synchronize(self.device)
         except Exception as err:
-            return f"n/a ({type(err).__name__}: {first_line(err)})", "-", "-", None
+            found.syncs = f"n/a ({type(err).__name__}: {first_line(err)})"
+            return found
         finally:
             torch.compiler.reset()  # as fit() does: the next arm's graphs (and CUDA graph pools) replace these
         kernels = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
         for event in prof.events():
             if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
-                kernels[kernel_kind(event.name)] += event.device_time_total / 1e3 / steps
-        return syncs, ops, dropout, (kernels if any(kernels.values()) else None)
+                ms, kind = event.device_time_total / 1e3 / steps, kernel_kind(event.name)
+                kernels[kind] += ms
+                if kind == "other":
+                    found.other[event.name] = found.other.get(event.name, 0.0) + ms
+        found.kernels = kernels if any(kernels.values()) else None
+        if arm.mode is not None:
+            found.as_eager = self.trains_as_eager(arm)
+        return found
+
+    def trains_as_eager(self, arm: Arm, steps: int = 8) -> str:
+        """Whether the compiled step trains as the eager one: the losses of `steps` updates from the same weights
+        on the same batches, dropout off (compiled and eager kernels draw different random numbers). CUDA graphs
+        replay into memory they own; a loss, gradient or parameter update lost to a replay would show here as
+        another curve, where the timings alone would not."""
+        dropouts = [m for m in self.model.modules() if isinstance(m, torch.nn.Dropout)]
+        rates, weights, curves = [m.p for m in dropouts], copy.deepcopy(self.model.state_dict()), []
+        try:
+            for m in dropouts:  # before the step is built: torch.compile reads the rate when it traces
+                m.p = 0.0
+            for mode in (None, arm.mode):
+                self.model.load_state_dict(weights)
+                step = self.step_fn(dataclasses.replace(arm, mode=mode))
+                curves.append([step(self.batches[i % len(self.batches)], i)[0].item() for i in range(steps)])
+                torch.compiler.reset()
+        except Exception as err:
+            return f"n/a ({type(err).__name__}: {first_line(err)})"
+        finally:
+            for m, rate in zip(dropouts, rates):
+                m.p = rate
+            self.model.load_state_dict(weights)
+        eager, compiled = curves
+        differs = max(abs(c - e) / abs(e) for e, c in zip(eager, compiled))
+        return (f"{'same' if differs <= AS_EAGER else 'DIFFERS'}: {eager[0]:.3g} to {eager[-1]:.3g}, "
+                f"at most {differs:.2%} apart")
+
+
+@dataclass
+class Diagnostics:
+    """What single calls of a fit() arm's train_step show (Bench.step_diagnostics); "-" where not measured."""
+    syncs: str = "-"
+    ops: str = "-"
+    dropout: str = "-"
+    kernels: Optional[dict[str, float]] = None  # GPU ms per step by kind: matmul, attention, other
+    other: dict[str, float] = field(default_factory=dict)  # GPU ms per step of each kernel of kind other
+    as_eager: str = "-"  # compiled arms: the losses of a few updates against the eager step's
 
 
 class OpCounter(TorchDispatchMode):
@@ -424,18 +470,27 @@ def compile_cell(bench: Bench, arm: Arm) -> str:
     return f"{statistics.median(seconds):.0f}" + (" (no CUDA graphs)" if arm in bench.no_graphs else "")
 
 
-def diagnostic_cells(bench: Bench, arm: Arm, seconds_per_step: float) -> list[str]:
-    """Host syncs, aten ops, dropout, the GPU's kernel time per step by kind, and that time over the wall time of a
-    step."""
-    if not arm.fits:
-        return ["-", "-", "-", "-", "-"]
-    syncs, ops, dropout, kernels = bench.step_diagnostics(arm)
-    if kernels is None:
-        return [syncs, ops, dropout, "-", "-"]
-    busy = sum(kernels.values())
-    return [syncs, ops, dropout,
-            f"{busy:.1f} ({kernels['matmul']:.1f}, {kernels['attention']:.1f}, {kernels['other']:.1f})",
-            f"{busy / (seconds_per_step * 1e3):.0%}"]
+def diagnostic_cells(found: Diagnostics, seconds_per_step: float) -> list[str]:
+    """Host syncs, aten ops, dropout, the GPU's kernel time per step by kind, that time over the wall time of a
+    step, and whether a compiled step trains as the eager one."""
+    if found.kernels is None:
+        return [found.syncs, found.ops, found.dropout, "-", "-", found.as_eager]
+    busy = sum(found.kernels.values())
+    return [found.syncs, found.ops, found.dropout,
+            f"{busy:.1f} ({found.kernels['matmul']:.1f}, {found.kernels['attention']:.1f}, "
+            f"{found.kernels['other']:.1f})", f"{busy / (seconds_per_step * 1e3):.0%}", found.as_eager]
+
+
+def other_kernels_table(others: dict[str, dict[str, float]], rows: int = 10) -> str:
+    """The vanilla step's GPU time outside matrix products and attention, by kernel, in each way of running it:
+    where MFU is lost once the launches are gone."""
+    top = sorted({name for other in others.values() for name in other},
+                 key=lambda name: -max(other.get(name, 0.0) for other in others.values()))[:rows]
+    header = ["kernel"] + [f"{way} ms/step" for way in others]
+    table = [[f"`{name[:90]}`"] + [f"{other[name]:.2f}" if name in other else "-" for other in others.values()]
+             for name in top]
+    table.append(["all of kind other"] + [f"{sum(other.values()):.2f}" for other in others.values()])
+    return markdown_table(header, table)
 
 
 def gpu_targets(medians: dict[Arm, dict]) -> str:
@@ -465,7 +520,7 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
     vanilla_times = next(ts for arm, ts in times.items() if arm.kind == "vanilla")  # for the hand-written loops
     on_gpu = bench.device.type == "cuda"
     known_peak = bool(peak_flops(bench.device))  # fit() records mfu where it knows the peak, else only tflops
-    rows, lines, over, medians = [], [], [], {}
+    rows, lines, over, medians, others = [], [], [], {}, {}
     for arm, ts in times.items():
         # paired within each repetition, against the vanilla arm compiled alike
         base = times.get(Arm("vanilla", mode=arm.mode), vanilla_times)
@@ -480,7 +535,12 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
             floor = simple = 1.0
         excess = [r / floor for r in ratios] if floor else None
         mfu = bench.mfu.get(arm)
-        diagnostics = diagnostic_cells(bench, arm, statistics.median(ts)) if diagnose else []
+        diagnostics = []
+        if diagnose:
+            found = bench.step_diagnostics(arm) if arm.fits else Diagnostics()
+            diagnostics = diagnostic_cells(found, statistics.median(ts))
+            if arm.kind == "vanilla" and found.other:
+                others[{None: "eager"}.get(arm.mode, arm.label.removeprefix("vanilla "))] = found.other
         medians[arm] = {"ratio": statistics.median(ratios), "excess": statistics.median(excess) if excess else None,
                         "mfu": statistics.median(mfu) if mfu and known_peak else None,
                         "syncs": diagnostics[0] if diagnostics else "-"}
@@ -501,7 +561,9 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
             markdown_table(["arm", "ms/step", "samples scored/s", "t / t_vanilla", "FLOP floor", "k/(3L)+frac",
                             "measured/floor", "MFU" if known_peak else "TFLOP/s", "compile s"]
                            + (["host syncs/step", "aten ops/step", "dropout per step",
-                               "GPU kernels ms/step (matmul, attention, other)", "GPU busy"] if diagnose else []),
+                               "GPU kernels ms/step (matmul, attention, other)", "GPU busy",
+                               f"trains as eager ({AS_EAGER:.0%}; loss over 8 updates, no dropout)"]
+                              if diagnose else []),
                            rows), "",
             f"Vanilla arm against the hand-written loop: t_vanilla / t_minimal = "
             f"{spread([v / m for v, m in zip(vanilla_times, times[Arm('minimal')])])} (within 5%: at most 1.05); "
@@ -509,6 +571,9 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
             "", optimizer_line(bench, statistics.median(vanilla_times))]
     if diagnose:  # always on a GPU
         text += ["", gpu_targets(medians)]
+    if others:
+        text += ["", "Where a vanilla step's GPU time goes outside matrix products and attention (torch.profiler, "
+                     "3 steps; top kernels by time):", "", other_kernels_table(others)]
     over.sort(key=lambda item: -item[0])
     if over and max_profiles:
         vanilla_ops = bench.profile(Arm("vanilla"), profile_steps)
@@ -602,7 +667,9 @@ def main() -> None:
                    "host syncs in one step (`torch.cuda.set_sync_debug_mode`, a lower bound); the aten ops one "
                    "eager step dispatches (a TorchDispatchMode; views do no work on the device); GPU kernel time per "
                    "step (torch.profiler, 3 steps), split into matrix products, attention and the rest; GPU busy = "
-                   "kernel time / ms per step (well under 100%: the GPU waits for the host's launches)"]
+                   "kernel time / ms per step (well under 100%: the GPU waits for the host's launches); for "
+                   "compiled arms, whether 8 updates from the same weights on the same batches, dropout off, give "
+                   "the eager step's losses (a loss, gradient or update lost to a CUDA graph replay would not)"]
     if target:
         header += ["", f"**Target point** (measured/floor at most {LIMIT}): `{target.strip()}`"]
     out.parent.mkdir(parents=True, exist_ok=True)

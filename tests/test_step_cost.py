@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import step_cost  # noqa: E402
@@ -22,17 +23,27 @@ def tables(report: str) -> list[dict[str, dict[str, str]]]:
     return found
 
 
+DATA = ["data=text_files", "data.vocab_size=200", "data.val_fraction=0.2"]
+
+
+def eager_backend(monkeypatch):
+    """torch.compile with dynamo's tracing (graph breaks and all) but no inductor: seconds, not minutes, here."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: real_compile(fn, backend="eager", **kwargs))
+
+
 def test_step_cost_reports_every_arm_with_its_flop_floor_and_diagnostics(corpus_file, tmp_path, monkeypatch):
     out = tmp_path / "step_cost.md"
-    data = ["data=text_files", f"data.paths=[{corpus_file}]", "data.vocab_size=200", "data.val_fraction=0.2"]
+    eager_backend(monkeypatch)
     monkeypatch.setattr(sys, "argv", [
         "step_cost.py", "--model", "bert_tiny:4x32", "--exits", "1", "--fracs", "0.5", "--reps", "1", "--warmup", "1",
-        "--steps", "2", "--max-profiles", "0", "--diagnose", "--device", "cpu", "--out", str(out),
-        *[arg for override in data for arg in ("--set", override)]])
+        "--steps", "2", "--max-profiles", "0", "--diagnose", "--device", "cpu", "--compile", "off,default",
+        "--out", str(out), *[arg for override in [*DATA, f"data.paths=[{corpus_file}]"] for arg in ("--set", override)]])
     step_cost.main()
     report = out.read_text()
     rows, targets = tables(report)
-    assert list(rows) == ["vanilla", "minimal", "textbook", "random f=0.5", "sift k=1 f=0.5"]
+    compiled = ["vanilla compiled", "random f=0.5 compiled", "sift k=1 f=0.5 compiled"]
+    assert list(rows) == ["vanilla", "minimal", "textbook", "random f=0.5", "sift k=1 f=0.5", *compiled]
     for arm, row in rows.items():
         assert float(row["ms/step"].split()[0]) > 0, arm
     scoring = float(re.search(r"scoring pass: k=1 [\d.]+ GFLOP \(([\d.]+) of vanilla\)", report).group(1))
@@ -44,8 +55,14 @@ def test_step_cost_reports_every_arm_with_its_flop_floor_and_diagnostics(corpus_
                                                                                                   "1.000")
     # the diagnostics ran on the step prepare_step builds (on a CPU: no CUDA kernels, no sync counter)
     assert sift["host syncs/step"] == "-" and sift["compile s"] == "-"
-    for arm in ("vanilla", "random f=0.5", "sift k=1 f=0.5"):  # the same seed, the same mask; another, another
-        assert rows[arm]["dropout per step"] == "varies", arm
+    for arm in ("vanilla", "random f=0.5", "sift k=1 f=0.5", *compiled):  # the same seed, the same mask; another,
+        assert rows[arm]["dropout per step"] == "varies", arm                # another
+    as_eager = next(column for column in rows["vanilla"] if column.startswith("trains as eager"))
+    for arm in compiled:  # the same ops, traced: the same losses, and 8 updates moved them
+        found = re.fullmatch(r"same: ([\d.]+) to ([\d.]+), at most ([\d.]+)% apart", rows[arm][as_eager])
+        first, last, apart = map(float, found.groups())
+        assert last != first and apart < 0.1, (arm, rows[arm][as_eager])
+    assert rows["vanilla"][as_eager] == "-"
     ops = {arm: [int(n.replace(",", "")) for n in re.findall(r"[\d,]+", rows[arm]["aten ops/step"])]
            for arm in ("vanilla", "random f=0.5", "sift k=1 f=0.5")}
     assert all(0 < views < total for total, views in ops.values())
@@ -57,3 +74,31 @@ def test_step_cost_reports_every_arm_with_its_flop_floor_and_diagnostics(corpus_
     assert float(excess[0]) == pytest.approx(float(sift["measured/floor"].split()[0]), abs=0.01)
     assert excess[1] == ("met" if float(excess[0]) <= 1.10 else "NOT")
     assert [v for k, v in eager.items() if k.startswith(("vanilla MFU", "host syncs"))] == ["n/a", "n/a"]
+
+
+def test_a_compiled_step_that_loses_its_updates_does_not_train_as_eager(corpus_file, monkeypatch):
+    """The check the compiled arms get must be able to fail: here the 'compiled' step never updates the weights,
+    as a CUDA graph replay that wrote into memory the optimizer does not read would. Weights and dropout come back."""
+    eager_backend(monkeypatch)
+    bench = step_cost.Bench(step_cost.Setting.parse("bert_tiny:4x32"), torch.device("cpu"), 1, 2,
+                            [*DATA, f"data.paths=[{corpus_file}]"])
+    real_step_fn = bench.step_fn
+
+    def step_fn(arm):
+        step = real_step_fn(arm)
+        return step if arm.mode is None else lambda batch, i: step(batch, i, update=False)
+    monkeypatch.setattr(bench, "step_fn", step_fn)
+    weights = {name: p.clone() for name, p in bench.model.state_dict().items()}
+    verdict = bench.trains_as_eager(step_cost.Arm("sift", 0.5, 1, "default"))
+    assert verdict.startswith("DIFFERS: "), verdict
+    assert all(torch.equal(p, weights[name]) for name, p in bench.model.state_dict().items())
+    assert {m.p for m in bench.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
+def test_the_vanilla_steps_other_kernels_are_ranked_by_their_largest_time_in_any_way_of_running_it():
+    others = {"eager": {"layer_norm": 4.0, "gelu": 3.0, "adam": 0.5},
+              "compiled reduce-overhead": {"triton_fused_ln_dropout": 5.0, "adam": 0.5}}
+    rows = tables(step_cost.other_kernels_table(others, rows=3))[0]
+    assert list(rows) == ["`triton_fused_ln_dropout`", "`layer_norm`", "`gelu`", "all of kind other"]
+    assert rows["`layer_norm`"]["compiled reduce-overhead ms/step"] == "-"
+    assert [rows["all of kind other"][f"{way} ms/step"] for way in others] == ["7.50", "5.50"]
