@@ -166,14 +166,13 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
     _unknown_keys(cfg.logger, LoggerConfig, "logger.")
     _interpolations(cfg)
     _missing_values(cfg)
-    choices = choices or {}
-    model_name = choices.get("model") or cfg.model._target_.rsplit(".", 1)[-1]
+    model_name = choice_name(cfg, choices, "model")
     model = importable("model", cfg.model._target_, "sift_cli.models.bert.BertMLM")
     check_arguments("model", cfg.model, model)
     data = importable("data", cfg.data._target_, "sift_cli.data.text.text_files")
     check_arguments("data", cfg.data, data)
     check_task(model, getattr(inspect.signature(data, eval_str=True).return_annotation, "task", None), model_name,
-               choices.get("data") or cfg.data._target_.rsplit(".", 1)[-1])
+               choice_name(cfg, choices, "data"))
     if not (isinstance(cfg.frac, (int, float)) and 0 < cfg.frac <= 1):
         raise ConfigError(f"frac={cfg.frac} is outside (0, 1]; use e.g. frac=0.5 (frac=1.0 is vanilla training)")
     if cfg.exit_layer < 1:
@@ -318,6 +317,11 @@ def check_positions(seq_len: Optional[int], positions: Optional[int]) -> None:
     if positions and seq_len and seq_len > positions:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the model's {positions} positions "
                           f"(model.max_position); use data.seq_len={positions} or less")
+
+
+def choice_name(cfg, choices: Optional[dict], group: str) -> str:
+    """How messages name a group's value: the user's choice (model=bert), else its target's name (BertMLM)."""
+    return (choices or {}).get(group) or cfg[group]._target_.rsplit(".", 1)[-1]
 
 
 def check_task(model: type, data_task: Optional[str], model_name: str, data_name: str) -> None:

@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sift_cli import __version__, distributed
 from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, holds_run, load_tensors,
                                  read_run, verify)
-from sift_cli.config import (ConfigError, check_exit_layer, check_positions, check_task, first_line, method, run_name,
-                             validate)
+from sift_cli.config import (ConfigError, check_exit_layer, check_positions, check_task, choice_name, first_line,
+                             method, run_name, validate)
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
 from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, Recorder, time_to_target, write_atomic
@@ -146,8 +146,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     torch.manual_seed(cfg.seed)
     kill_point("data", 0)
     data = build(cfg.data)
-    model_name = choices.get("model") or cfg.model._target_.rsplit(".", 1)[-1]
-    check_task(get_class(cfg.model._target_), data.task, model_name, choices.get("data") or cfg.data._target_)
+    model_name = choice_name(cfg, choices, "model")
+    check_task(get_class(cfg.model._target_), data.task, model_name, choice_name(cfg, choices, "data"))
     model = build(cfg.model, **data.model_args).to(device)
     check_exit_layer(cfg.exit_layer, model.depth, model_name)
     check_positions(cfg.data.get("seq_len"), getattr(model, "max_length", None))  # a checkpoint's own limit
