@@ -13,9 +13,9 @@ import time_to_accuracy  # noqa: E402
 
 def test_the_race_reports_every_arm_and_a_second_call_adds_a_seed(corpus_file, tmp_path, monkeypatch):
     runs, out = tmp_path / "runs", tmp_path / "report.md"
-    tiny = ["data=text_files", f"data.paths=[{corpus_file}]", "~data.packages", "data.vocab_size=200",
-            "data.seq_len=32", "data.val_fraction=0.2", "data.max_val_samples=16", "model=bert_tiny",
-            "trainer.batch_size=8", "trainer.max_time_s=1", "trainer.eval_every_s=0.5", "trainer.device=cpu"]
+    tiny = [f"data.paths=[{corpus_file}]", "data.vocab_size=200", "data.seq_len=32", "data.val_fraction=0.2",
+            "data.max_val_samples=16", "model=bert_tiny", "trainer.batch_size=8", "trainer.max_time_s=1",
+            "trainer.eval_every_s=0.5", "trainer.device=cpu", "trainer.compile=false"]
 
     def race(seeds: str) -> str:
         monkeypatch.setattr(sys, "argv", [
