@@ -192,13 +192,15 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
                "data": choices.get("data"), "depth": model.depth, "exit_layer": cfg.exit_layer,
                "frac": cfg.frac, "criterion": cfg.criterion, "seed": cfg.seed, "device": device.type,
                "accelerator": accelerator(device), "world_size": world, **getattr(data, "setting", {}),
-               **totals, "targets": targets, "run_dir": str(run_dir), "torch": torch.__version__,
+               **totals, "data_passes": totals["samples_seen"] / data.num_train, "targets": targets,
+               "run_dir": str(run_dir), "torch": torch.__version__,
                "sift_train": __version__, "config": config}
     record.finish(summary)
     if main:
         print(f"{name}: {summary['status']} | val_acc {totals['final_val_acc']:.4f} "
               f"(best {totals['best_val_acc']:.4f}) | train {totals['train_time_s']:.1f} s, {totals['steps']} steps | "
-              f"{totals['samples_backpropagated']:,} of {totals['samples_seen']:,} samples back-propagated | {run_dir}")
+              f"{totals['samples_backpropagated']:,} of {totals['samples_seen']:,} samples back-propagated "
+              f"({summary['data_passes']:,.2f} passes over the training data) | {run_dir}")
     if summary["status"] != "completed":
         raise Stopped(summary["status"], totals["stop_signal"])
     return summary

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.config import ConfigError
@@ -46,6 +47,7 @@ def test_sift_run_records_monotone_time_and_backpropagates_ceil_frac_b(corpus_fi
     assert on_disk["samples_backpropagated"] == 18 and on_disk["final_val_acc"] == rows[-1]["val_acc"]
     assert on_disk["train_time_s"] == pytest.approx(times[-1])
     assert on_disk["config"]["frac"] == 0.3 and summary["steps"] == 6
+    assert on_disk["data_passes"] == pytest.approx(48 / instantiate(cfg.data).num_train)  # samples drawn / data
 
 
 def test_vanilla_runs_no_scoring_pass(corpus_file, tmp_path, monkeypatch):
