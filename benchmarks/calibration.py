@@ -42,7 +42,7 @@ from hydra.utils import get_class  # noqa: E402
 
 from common import RESULTS, app_config, command_line, machine, markdown_table  # noqa: E402
 from sift_cli.checkpoint import FOLDER as CHECKPOINTS  # noqa: E402
-from sift_cli.records import SUMMARY, read_metrics  # noqa: E402
+from sift_cli.records import COMPLETED, SUMMARY, read_metrics, run_status  # noqa: E402
 from sift_cli.train import run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +120,7 @@ def model_overrides(model: Model) -> list[str]:
 
 
 def completed(folder: Path) -> bool:
-    path = folder / SUMMARY
-    return path.exists() and json.loads(path.read_text()).get("status") == "completed"
+    return run_status(folder) == COMPLETED
 
 
 @dataclass

@@ -133,6 +133,9 @@ class MemoryRecord:
     def positions(self) -> dict:
         return {}
 
+    def progress(self, totals: dict) -> None:
+        pass
+
 
 class NoCheckpoints:
     """The part of sift_cli.checkpoint.Checkpointer that fit() uses, writing nothing: a benchmark resumes nothing."""

@@ -31,7 +31,7 @@ from typing import Optional
 from hydra.utils import get_class
 
 from common import RESULTS, app_config, command_line, machine, markdown_table
-from sift_cli.records import SUMMARY, read_metrics, time_to_target
+from sift_cli.records import COMPLETED, SUMMARY, read_metrics, run_status, time_to_target
 
 REPO = Path(__file__).resolve().parents[1]
 # the overrides that make each arm; {depth} is the model's number of encoder layers
@@ -61,7 +61,7 @@ class Runner:
 
     def run(self, stage: str, arm: str, lr: float, seed: int) -> Path:
         folder = self.folder(stage, arm, lr, seed)
-        if (folder / SUMMARY).exists():
+        if run_status(folder) == COMPLETED:
             return folder  # finished in an earlier, interrupted call
         overrides = [f"experiment={self.experiment}", *(o.format(depth=self.depth) for o in ARMS[arm]),
                      f"trainer.optimizer.lr={lr:g}", f"seed={seed}", "logger=none", "trainer.progress=false",
@@ -75,7 +75,7 @@ class Runner:
             out.write(" ".join(command) + "\n")
             out.flush()
             done = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        if done.returncode != 0 or not (folder / SUMMARY).exists():
+        if done.returncode != 0 or run_status(folder) != COMPLETED:
             tail = "\n".join(log.read_text().splitlines()[-15:])
             sys.exit(f"time_to_accuracy: {arm} lr={lr:g} seed={seed} failed (exit {done.returncode}); "
                      f"{log}:\n{tail}")

@@ -25,7 +25,7 @@ import torch
 from sift_cli import distributed
 from sift_cli.config import RESUMABLE, RESUMABLE_PREFIXES, ConfigError, first_line
 from sift_cli.faults import kill_point
-from sift_cli.records import flat_config, write_atomic
+from sift_cli.records import COMPLETED, flat_config, run_status, write_atomic
 
 FOLDER, LATEST, MANIFEST, RUN, CLOCK = "checkpoints", "latest", "manifest.json", "run.json", "clock.json"
 RECORD_FILES = ("metrics.jsonl", "summary.json", RUN)  # what makes a folder hold a run
@@ -219,10 +219,6 @@ def check_folder(run_dir: Path, config: dict, resume: str) -> str:
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise ConfigError(f"the run folder {run_dir} holds a run with another config: {shown}{more}; rerun with "
                           f"its values to resume it, or choose a new folder (hydra.run.dir=... / hydra.sweep.dir=...)")
-    try:
-        status = json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError):
-        status = None
-    if status == "completed" and not extends(previous["config"], config):
+    if run_status(run_dir) == COMPLETED and not extends(previous["config"], config):
         return "done"
     return "resume"

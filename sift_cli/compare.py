@@ -125,7 +125,8 @@ def load_run(folder: Path) -> Optional[Run]:
         warn(f"skipping {folder}: {why}")
         return None
     if not (folder / SUMMARY).exists():
-        warn(f"skipping {folder}: {METRICS} but no {SUMMARY} (still running, or killed before its end)")
+        warn(f"skipping {folder}: {METRICS} but no {SUMMARY} (killed at its first evaluation, or written by a "
+             f"version that wrote {SUMMARY} only at the end)")
         return None
     try:
         summary = json.loads((folder / SUMMARY).read_text())
@@ -154,7 +155,8 @@ def load_runs(paths: list[str], include_incomplete: bool = False) -> list[Run]:
     runs = [run for run in map(load_run, find_run_folders(paths)) if run is not None]
     incomplete = [run for run in runs if run.status != COMPLETED]
     if incomplete and not include_incomplete:
-        warn(f"leaving out {len(incomplete)} run(s) that did not complete (--include-incomplete keeps them): "
+        warn(f"leaving out {len(incomplete)} run(s) that did not complete (running: still training, or killed; "
+             f"--include-incomplete keeps them): "
              + ", ".join(f"{run.folder} ({run.status})" for run in incomplete))
         runs = [run for run in runs if run.status == COMPLETED]
     if not runs:

@@ -1,7 +1,9 @@
 """The run record: metrics.jsonl and summary.json in the run folder, and W&B behind the same calls.
 
 The local files are written first and always; W&B gets the very same dicts. A W&B failure costs a
-warning, never a record. sift-compare reads these files back with `read_metrics`.
+warning, never a record. sift-compare reads these files back with `read_metrics`. summary.json is
+written at every evaluation with status `running`, and at the end with the run's final status, so a run
+in progress, or one killed before its end, can be read like a finished one.
 """
 
 from __future__ import annotations
@@ -13,24 +15,37 @@ import os
 import shlex
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
 
 from sift_cli.faults import armed, kill_point
 
 log = logging.getLogger(__name__)
 METRICS, SUMMARY, DIAGNOSTICS = "metrics.jsonl", "summary.json", "diagnostics.jsonl"
+RUNNING, COMPLETED = "running", "completed"  # statuses of summary.json (also interrupted, preempted)
+
+
+def run_status(run_dir: Path) -> Optional[str]:
+    """The status in a run folder's summary.json, or None where it has none (or an unreadable one)."""
+    try:
+        return json.loads((Path(run_dir) / SUMMARY).read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def read_metrics(run_dir: Path, file: str = METRICS) -> list[dict]:
-    """Rows of a run's metrics.jsonl (or another JSON-lines record). Raises ValueError naming a corrupt line."""
+    """Rows of a run's metrics.jsonl (or another JSON-lines record). A last line cut short (no newline after
+    it: a process killed while writing it) is left out; any other line that is not JSON raises ValueError."""
     path = Path(run_dir) / file
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text()
+    lines, rows = text.splitlines(), []
+    for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
+                if number == len(lines) and not text.endswith("\n"):
+                    break  # torn
                 raise ValueError(f"{path}:{number} is not a JSON line") from None
     return rows
 
@@ -104,8 +119,10 @@ class Recorder:
 
     def __init__(self, run_dir: Path, logger_cfg: Any, config: dict, name: str, group: Optional[str],
                  job_type: str, tags: list[str], wandb_id: Optional[str] = None,
-                 positions: Optional[dict] = None, enabled: bool = True):
+                 positions: Optional[dict] = None, enabled: bool = True, about: Optional[dict] = None,
+                 targets: Sequence[float] = ()):
         self.run_dir, self.enabled = Path(run_dir), enabled
+        self.about, self.targets = about or {}, list(targets)  # what summary.json says besides the totals
         self.rows: list[dict] = []
         self._files: dict = {}
         self._wandb_from = 0  # the first step the W&B run lacks
@@ -192,12 +209,29 @@ class Recorder:
                 out[file] = path.stat().st_size if path.exists() else 0
         return out
 
-    def finish(self, summary: dict) -> None:
+    def summary(self, totals: dict) -> dict:
+        """summary.json: the run's totals (status first), time and steps to each target, and what it is."""
+        targets = {}
+        for target in self.targets:
+            hit = time_to_target(self.rows, target)
+            targets[f"time_to_target/{target:g}"] = hit["train_time_s"] if hit else None
+            targets[f"steps_to_target/{target:g}"] = hit["step"] if hit else None
+        return {**totals, "targets": targets, **self.about}
+
+    def progress(self, totals: dict) -> None:
+        """summary.json of a run still training (status running), after each evaluation: read back, a run in
+        progress or killed without a chance to finish its record is one that did not complete."""
+        if self.enabled:
+            write_atomic(self.run_dir / SUMMARY, json.dumps(self.summary(totals), indent=2) + "\n")
+
+    def finish(self, totals: dict) -> dict:
+        """The final summary.json (and W&B's summary); returns it."""
+        summary = self.summary(totals)
         for f in self._files.values():
             f.close()
         self._files = {}
         if not self.enabled:
-            return
+            return summary
         write_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
         flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
         flat.update(summary.get("targets", {}))
@@ -207,7 +241,8 @@ class Recorder:
             folder = Path(self.wandb.dir).parent  # the offline-run-... folder, not its files/
             if summary.get("status") == "preempted":
                 self._to_wandb(lambda: self.wandb.mark_preempting())
-            self._to_wandb(lambda: self.wandb.finish(exit_code=0 if summary.get("status") == "completed" else 1))
+            self._to_wandb(lambda: self.wandb.finish(exit_code=0 if summary.get("status") == COMPLETED else 1))
             if offline:
                 log.info("W&B run saved offline; upload it later with: wandb sync %s (it holds the whole run: a "
                          "resumed run's earlier offline folders need no upload)", shlex.quote(str(folder)))
+        return summary

@@ -33,7 +33,7 @@ from sift_cli.config import (ConfigError, check_exit_layer, check_positions, che
                              method, run_name, validate)
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
-from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, Recorder, time_to_target, write_atomic
+from sift_cli.records import COMPLETED, DIAGNOSTICS, METRICS, SUMMARY, Recorder, write_atomic
 from sift_cli.trainer import fit
 
 log = logging.getLogger("sift_cli")
@@ -170,8 +170,14 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     else:
         wandb_id = None
     positions = resumed[1]["positions"] if resumed else {}
+    about = {"method": arm, "run_name": name, "task": data.task, "model": model_name, "data": choices.get("data"),
+             "depth": model.depth, "exit_layer": cfg.exit_layer, "frac": cfg.frac, "criterion": cfg.criterion,
+             "seed": cfg.seed, "device": device.type, "accelerator": accelerator(device), "world_size": world,
+             **getattr(data, "setting", {}), "run_dir": str(run_dir), "torch": torch.__version__,
+             "sift_train": __version__, "config": config}
     record = Recorder(run_dir, cfg.logger, config, name=name, group=cfg.name or sweep, job_type=arm,
-                      tags=list(cfg.tags), wandb_id=wandb_id, positions=positions, enabled=main)
+                      tags=list(cfg.tags), wandb_id=wandb_id, positions=positions, enabled=main, about=about,
+                      targets=cfg.targets)
     if resumed and main:
         log.info("resuming %s from step %d", name, resumed[1]["train_state"]["step"])
     try:
@@ -183,25 +189,13 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         raise ConfigError(f"{accelerator(device)} ran out of memory ({found}) with model={model_name}, "
                           f"trainer.batch_size={cfg.trainer.batch_size} over {world} process(es) and "
                           f"trainer.eval_batch_size={cfg.trainer.eval_batch_size}; lower them or add GPUs") from None
-    targets = {}
-    for target in cfg.targets:
-        hit = time_to_target(record.rows, target)
-        targets[f"time_to_target/{target:g}"] = hit["train_time_s"] if hit else None
-        targets[f"steps_to_target/{target:g}"] = hit["step"] if hit else None
-    summary = {"method": arm, "run_name": name, "task": data.task, "model": model_name,
-               "data": choices.get("data"), "depth": model.depth, "exit_layer": cfg.exit_layer,
-               "frac": cfg.frac, "criterion": cfg.criterion, "seed": cfg.seed, "device": device.type,
-               "accelerator": accelerator(device), "world_size": world, **getattr(data, "setting", {}),
-               **totals, "data_passes": totals["samples_seen"] / data.num_train, "targets": targets,
-               "run_dir": str(run_dir), "torch": torch.__version__,
-               "sift_train": __version__, "config": config}
-    record.finish(summary)
+    summary = record.finish(totals)
     if main:
         print(f"{name}: {summary['status']} | val_acc {totals['final_val_acc']:.4f} "
               f"(best {totals['best_val_acc']:.4f}) | train {totals['train_time_s']:.1f} s, {totals['steps']} steps | "
               f"{totals['samples_backpropagated']:,} of {totals['samples_seen']:,} samples back-propagated "
               f"({summary['data_passes']:,.2f} passes over the training data) | {run_dir}")
-    if summary["status"] != "completed":
+    if summary["status"] != COMPLETED:
         raise Stopped(summary["status"], totals["stop_signal"])
     return summary
 

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from sift_cli import distributed
+from sift_cli import distributed, records
 from sift_cli.checkpoint import Checkpointer
 from sift_cli.config import ConfigError, first_line, step_sizes
 from sift_cli.data.order import seed_of, seeded
@@ -541,6 +541,7 @@ class Training:
         if not self.val:
             raise ConfigError(f"the validation set has too few samples to give each of {world} processes one")
         self.gate = Gate() if data.num_workers else None
+        self.num_train = data.num_train
         self.cfg, self.record, self.checkpointer, self.device, self.meta = cfg, record, checkpointer, device, meta
         self.autocast = autocast_for(t.precision, device)
         self.clock, self.wall_start = Clock(device, self.state.train_time_s), time.perf_counter()
@@ -614,6 +615,7 @@ class Training:
         state.window.clear()
         state.last_eval_step = state.step
         self.record.log(row)
+        self.record.progress(self.totals(records.RUNNING))
         return row
 
     def diagnose(self) -> None:
@@ -656,14 +658,13 @@ class Training:
             if self.gate:
                 self.gate.open()
 
-    def totals(self, request: int, signum: Optional[int]) -> dict:
+    def totals(self, status: str, signum: Optional[int] = None) -> dict:
         """The run's totals, for summary.json."""
         # the main process holds every row; the others only those since they started
         state, sel, rows = self.state, self.sel, self.record.rows
-        status = {RUNNING: "completed", INTERRUPTED: "interrupted", PREEMPTED: "preempted"}[int(request)]
         return {
             "status": status,
-            "stop_signal": signum if status != "completed" else None,
+            "stop_signal": signum,
             "steps": state.step,
             "train_time_s": self.clock.total,
             "wall_time_s": self.wall_time(),
@@ -678,6 +679,7 @@ class Training:
             "samples_backpropagated": state.samples_backpropagated,
             "samples_scored_per_step": sel.scored * sel.world,
             "samples_backpropagated_per_step": sel.kept * sel.world,
+            "data_passes": state.samples_seen / self.num_train,  # how many times the run read its data
             "final_val_acc": rows[-1]["val_acc"] if rows else None,
             "final_val_loss": rows[-1]["val_loss"] if rows else None,
             "best_val_acc": max((r["val_acc"] for r in rows), default=None),
@@ -758,4 +760,5 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         training.checkpoint()  # at the end and on any stop
     if step_fn.compiled:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
         torch.compiler.reset()
-    return training.totals(request, stop.signum)
+    status = {RUNNING: records.COMPLETED, INTERRUPTED: "interrupted", PREEMPTED: "preempted"}[int(request)]
+    return training.totals(status, stop.signum if status != records.COMPLETED else None)

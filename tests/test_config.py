@@ -17,7 +17,8 @@ def test_every_config_group_choice_composes_and_validates(group, choice):
     extra = {"data": {"text_files": ["data.paths=[a.txt]"], "hf": ["data.name=x"],
                       "image_folder": ["data.root=x", "model=resnet18"], "digits": ["model=resnet18"],
                       "cifar10": ["model=resnet18"]},
-             "model": {"resnet18": ["data=digits"], "resnet50": ["data=digits"]}}
+             "model": {"resnet18": ["data=digits"], "resnet50": ["data=digits"]},
+             "experiment": {"tta_gpu": ["data.paths=[a.txt]"]}}  # benchmarks/gpu.sh writes its corpus
     cfg = make_config([f"{group}={choice}", *extra.get(group, {}).get(choice, [])])
     validate(cfg)
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
