@@ -55,8 +55,9 @@ def test_step_cost_reports_every_arm_with_its_flop_floor_and_diagnostics(corpus_
                                                                                                   "1.000")
     # the diagnostics ran on the step prepare_step builds (on a CPU: no CUDA kernels, no sync counter)
     assert sift["host syncs/step"] == "-" and sift["compile s"] == "-"
-    for arm in ("vanilla", "random f=0.5", "sift k=1 f=0.5", *compiled):  # the same seed, the same mask; another,
-        assert rows[arm]["dropout per step"] == "varies", arm                # another
+    # dropout: the same seed, the same mask; another seed, another mask
+    for arm in ("vanilla", "random f=0.5", "sift k=1 f=0.5", *compiled):
+        assert rows[arm]["dropout per step"] == "varies", arm
     as_eager = next(column for column in rows["vanilla"] if column.startswith("trains as eager"))
     for arm in compiled:  # the same ops, traced: the same losses, and 8 updates moved them
         found = re.fullmatch(r"same: ([\d.]+) to ([\d.]+), at most ([\d.]+)% apart", rows[arm][as_eager])
