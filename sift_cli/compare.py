@@ -412,6 +412,10 @@ def caption_lines(groups: list[Group], rows: list[dict], targets_note: list[str]
         lines.append(f"1 seed: no spread, not a result: {', '.join(single)}")
     if any(r["incomplete"] for r in rows):
         lines.append("runs that did not complete are included (--include-incomplete); seeds says how many")
+    passes = [run.summary["data_passes"] for g in groups for run in g.runs if "data_passes" in run.summary]
+    if passes:  # a pre-training comparison reads its corpus about once; many passes measure memorisation
+        lines.append(f"data: the runs read their training data {min(passes):,.1f} to {max(passes):,.1f} times "
+                     f"(data_passes)")
     return lines
 
 

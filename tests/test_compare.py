@@ -299,6 +299,16 @@ def test_known_answer_data_setting_is_shown(tmp_path, capsys):
     assert settings == ["data=noisy_text data.noise_fraction=0.2", "data=text_files data.noise_fraction=0.0"]
 
 
+def test_the_caption_says_how_many_times_the_runs_read_their_data(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root / "v", [0.1, 0.5, 0.8], summary={"data_passes": 2.75})
+    sift(root / "s", [0.1, 0.6, 0.9], summary={"data_passes": 110.3})
+    write_run(root / "old", [0.1, 0.5, 0.8], seed=1)  # a record from before data_passes: nothing to say
+    code, out, err = sift_compare(capsys, root, "--target", 0.5, "--out", tmp_path)
+    assert code == 0, err
+    assert "data: the runs read their training data 2.8 to 110.3 times (data_passes)" in " ".join(out.split())
+
+
 def test_the_table_reads_at_80_columns(tmp_path):
     """Arms with long names, three targets and two settings: parts of one line per arm, nothing cut."""
     root = tmp_path / "runs"
