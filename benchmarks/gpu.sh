@@ -50,8 +50,9 @@ python3 -c "import hydra, omegaconf, torch, transformers; print('hydra', hydra._
 
 if [[ $PART == all || $PART == race ]]; then
   # the race's corpus is written (once per machine: a rewrite would change its date, and the cache would miss)
-  # and tokenised (about a minute, then cached) on the CPU while the GPU times steps
-  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+  # and tokenised (about a minute, then cached) on the CPU while the GPU times steps; on half the cores, so
+  # that the host-bound eager steps being timed keep theirs
+  RAYON_NUM_THREADS=$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 )) python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
 from common import app_config; from data_pipeline import make_corpus; from hydra.utils import instantiate; \
 corpus = Path(sys.argv[1]); corpus.exists() or print(make_corpus(corpus, float(sys.argv[2]))); \
 instantiate(app_config(['experiment=tta_gpu', *sys.argv[3:]]).data)" \
