@@ -123,13 +123,15 @@ def comparison(runner: Runner, arms: list[str], lr: dict, seeds: list[int], targ
         values = [a / b for a, b in pairs if a is not None and b is not None]
         return cell(values, len(values), len(seeds), digits=2)
 
-    header = ["arm", "lr", "steps", "ms per step", "samples back-propagated", "final val_acc", "best val_acc"]
+    header = ["arm", "lr", "steps", "ms per step", "samples back-propagated", "passes over the data",
+              "final val_acc", "best val_acc"]
     table = []
     for arm in arms:
         s = [summaries[arm, seed] for seed in seeds]
         table.append([arm, f"{lr[arm]:g}", cell([x["steps"] for x in s], len(s), len(s), 0),
                       cell([1e3 * x["train_time_s"] / x["steps"] for x in s], len(s), len(s), 0),
                       cell([x["samples_backpropagated"] for x in s], len(s), len(s), 0),
+                      cell([x["data_passes"] for x in s], len(s), len(s), 1),
                       cell([x["final_val_acc"] for x in s], len(s), len(s), 4),
                       cell([x["best_val_acc"] for x in s], len(s), len(s), 4)])
     text = [markdown_table(header, table)]

@@ -32,6 +32,7 @@ def test_the_race_reports_every_arm_and_a_second_call_adds_a_seed(corpus_file, t
     for arm in ("vanilla", "sift-loss", "random"):
         row = next(line for line in comparison.splitlines() if line.startswith(f"| {arm} | 0.001 | "))
         assert int(row.split("|")[3].split()[0]) > 0, row  # the median steps the arm trained
+        assert float(row.split("|")[6].split()[0]) > 0, row  # and how many times it read the data
     assert "## The same runs read by sift-compare" in first and (tmp_path / "plots" / "accuracy_vs_time.png").exists()
 
     second = race("0,1")
