@@ -194,7 +194,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         print(f"{name}: {summary['status']} | val_acc {totals['final_val_acc']:.4f} "
               f"(best {totals['best_val_acc']:.4f}) | train {totals['train_time_s']:.1f} s, {totals['steps']} steps | "
               f"{totals['samples_backpropagated']:,} of {totals['samples_seen']:,} samples back-propagated "
-              f"| {summary['data_passes']:,.2f} passes over the training data | {run_dir}")
+              f"| {totals['data_passes']:,.2f} passes over the training data | {run_dir}")
     if summary["status"] != COMPLETED:
         raise Stopped(summary["status"], totals["stop_signal"])
     return summary
