@@ -121,7 +121,7 @@ class Recorder:
                  job_type: str, tags: list[str], wandb_id: Optional[str] = None,
                  positions: Optional[dict] = None, enabled: bool = True, about: Optional[dict] = None,
                  targets: Sequence[float] = ()):
-        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.run_dir, self.enabled, self.config = Path(run_dir), enabled, config
         self.about, self.targets = about or {}, list(targets)  # what summary.json says besides the totals
         self.rows: list[dict] = []
         self._files: dict = {}
@@ -138,12 +138,12 @@ class Recorder:
         if (self.run_dir / METRICS).exists():
             self.rows = read_metrics(self.run_dir)
         if logger_cfg.backend == "wandb":
-            self._init_wandb(logger_cfg, config, name, group, job_type, tags, wandb_id)
+            self._init_wandb(logger_cfg, name, group, job_type, tags, wandb_id)
             diagnostics = read_metrics(self.run_dir, DIAGNOSTICS) if (self.run_dir / DIAGNOSTICS).exists() else []
             for row in sorted(diagnostics + self.rows, key=lambda r: r["step"]):  # a step's diagnostics first
                 self._send(row)
 
-    def _init_wandb(self, cfg, config, name, group, job_type, tags, wandb_id) -> None:
+    def _init_wandb(self, cfg, name, group, job_type, tags, wandb_id) -> None:
         mode = wandb_mode(cfg.mode)
         if mode == "disabled":
             return
@@ -152,7 +152,7 @@ class Recorder:
 
             self.wandb = wandb.init(
                 project=cfg.project, entity=cfg.entity, mode=mode, name=name, group=group, job_type=job_type,
-                tags=list(tags), config=config, dir=cfg.dir or os.environ.get("WANDB_DIR") or str(self.run_dir),
+                tags=list(tags), config=self.config, dir=cfg.dir or os.environ.get("WANDB_DIR") or str(self.run_dir),
                 id=wandb_id, resume="allow",  # a resumed run continues its W&B run
                 reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"),
             )
@@ -210,13 +210,14 @@ class Recorder:
         return out
 
     def summary(self, totals: dict) -> dict:
-        """summary.json: the run's totals (status first), time and steps to each target, and what it is."""
+        """summary.json: the run's totals (status first), time and steps to each target, what the run is and its
+        resolved config."""
         targets = {}
         for target in self.targets:
             hit = time_to_target(self.rows, target)
             targets[f"time_to_target/{target:g}"] = hit["train_time_s"] if hit else None
             targets[f"steps_to_target/{target:g}"] = hit["step"] if hit else None
-        return {**totals, "targets": targets, **self.about}
+        return {**totals, "targets": targets, **self.about, "config": self.config}
 
     def progress(self, totals: dict) -> None:
         """summary.json of a run still training (status running), after each evaluation: read back, a run in

@@ -174,7 +174,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
              "depth": model.depth, "exit_layer": cfg.exit_layer, "frac": cfg.frac, "criterion": cfg.criterion,
              "seed": cfg.seed, "device": device.type, "accelerator": accelerator(device), "world_size": world,
              **getattr(data, "setting", {}), "run_dir": str(run_dir), "torch": torch.__version__,
-             "sift_train": __version__, "config": config}
+             "sift_train": __version__}
     record = Recorder(run_dir, cfg.logger, config, name=name, group=cfg.name or sweep, job_type=arm,
                       tags=list(cfg.tags), wandb_id=wandb_id, positions=positions, enabled=main, about=about,
                       targets=cfg.targets)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 import itertools
 import logging
@@ -429,7 +430,12 @@ def progress_bar(enabled: bool) -> Progress:
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-RUNNING, INTERRUPTED, PREEMPTED = 0, 1, 2  # ordered: the strongest request across ranks wins
+class Request(enum.IntEnum):
+    """What the stop signals ask of the loop. Ordered: across ranks, the strongest request wins."""
+
+    NONE = 0
+    INTERRUPT = 1  # the first Ctrl-C: evaluate, record and checkpoint
+    PREEMPT = 2  # SIGTERM, SIGUSR1, SIGUSR2: checkpoint within the grace period, then hand the signal on
 
 
 class StopRequests:
@@ -439,15 +445,15 @@ class StopRequests:
     asks to evaluate, record and checkpoint; a second Ctrl-C aborts at once."""
 
     def __init__(self):
-        self.request, self.signum, self._previous = RUNNING, None, {}
+        self.request, self.signum, self._previous = Request.NONE, None, {}
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
-            if self.request == INTERRUPTED:
+            if self.request == Request.INTERRUPT:
                 raise KeyboardInterrupt
             print("interrupted: stopping after this step to evaluate, record and checkpoint "
                   "(Ctrl-C again to abort)", file=sys.stderr)
-        self.request = max(self.request, PREEMPTED if signum != signal.SIGINT else INTERRUPTED)
+        self.request = max(self.request, Request.INTERRUPT if signum == signal.SIGINT else Request.PREEMPT)
         self.signum = self.signum or signum
 
     def __enter__(self):
@@ -615,7 +621,8 @@ class Training:
         state.window.clear()
         state.last_eval_step = state.step
         self.record.log(row)
-        self.record.progress(self.totals(records.RUNNING))
+        if distributed.is_main():  # the one process that writes summary.json
+            self.record.progress(self.totals(records.RUNNING))
         return row
 
     def diagnose(self) -> None:
@@ -709,7 +716,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     def due(every_n_steps: Optional[int]) -> bool:
         return bool(every_n_steps) and state.step % every_n_steps == 0
 
-    request = RUNNING
+    request = Request.NONE
     with progress_bar(show_progress and distributed.is_main()) as bar, StopRequests() as stop:
         task = bar.add_task("train", total=max_time if t.max_time_s else max_steps, step=state.step, rate=0.0,
                             mfu="", val_acc=f"{record.rows[-1]['val_acc']:.4f}" if record.rows else "-")
@@ -728,12 +735,13 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
             state.samples_seen += sel.scored * world
             state.samples_backpropagated += sel.kept * world
             kill_point("step", state.step)
-            elapsed, request = distributed.agree_max([clock.peek(), stop.request])
+            elapsed, strongest = distributed.agree_max([clock.peek(), stop.request])
+            request = Request(int(strongest))
             if distributed.is_main():
                 checkpointer.write_clock(state.step, elapsed)
                 bar.update(task, completed=elapsed if t.max_time_s else state.step, step=state.step,
                            rate=state.samples_seen / max(elapsed, 1e-9))
-            if request != RUNNING or state.step >= max_steps or elapsed >= max_time:
+            if request != Request.NONE or state.step >= max_steps or elapsed >= max_time:
                 break
             if due(cfg.diagnostics.every_n_steps):
                 with training.off_clock():
@@ -755,10 +763,10 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         del stream
         # preempted: only the checkpoint, within the scheduler's grace period, and no evaluation off the
         # schedule, so the resumed run's rows are those of a run never stopped
-        if state.last_eval_step != state.step and request != PREEMPTED:
+        if state.last_eval_step != state.step and request != Request.PREEMPT:
             training.evaluate()
         training.checkpoint()  # at the end and on any stop
     if step_fn.compiled:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
         torch.compiler.reset()
-    status = {RUNNING: records.COMPLETED, INTERRUPTED: "interrupted", PREEMPTED: "preempted"}[int(request)]
+    status = {Request.NONE: records.COMPLETED, Request.INTERRUPT: "interrupted", Request.PREEMPT: "preempted"}[request]
     return training.totals(status, stop.signum if status != records.COMPLETED else None)
