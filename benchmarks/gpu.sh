@@ -1,7 +1,8 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # SIFT on one GPU within one device call (at most 10 min): the step cost of BERT-base at 256x128 eager
 # and compiled under CUDA graphs (host syncs, GPU kernel time and busy share, MFU, the kernels outside matrix
-# products, whether the compiled step trains as the eager one), then a time-to-accuracy race of vanilla,
+# products, whether the compiled step trains as the eager one), the same under CUDA graphs with
+# model.low_precision_layernorm=true (layer norms and residual stream in bf16), then a time-to-accuracy race of vanilla,
 # SIFT and random under CUDA graphs, one seed after another until the budget runs out (each seed's report
 # is complete). The first line brings hydra-core, omegaconf and antlr4 from the wheels in .whl/ (the lent
 # machine lacks them; `pip download` them, see benchmarks/README.md); the repo is the working directory.
@@ -26,6 +27,9 @@ left() { local s=$((deadline - SECONDS - $1)); echo $((s > 1 ? s : 1)); }  # sec
 # every compiled fit() traces anew (fit() resets torch.compile's caches at its end, as a sweep needs): ~20 s each
 step=(--model bert:256x128 --exits 1 --fracs 0.5 --reps 2 --warmup 3 --steps 10 --max-profiles 0
       --compile off,reduce-overhead --device cuda)
+# the layer norms and the residual stream in bf16 (model.low_precision_layernorm): does MFU follow the bytes saved?
+lpln=(--model bert:256x128 --exits 1 --fracs 0.5 --reps 2 --warmup 3 --steps 10 --max-profiles 0
+      --compile reduce-overhead --device cuda --set model.low_precision_layernorm=true)
 big=(--model bert:512x128 --exits 1 --fracs 0.5 --reps 1 --warmup 3 --steps 10 --max-profiles 0
      --compile reduce-overhead --device cuda)
 # the race: experiment=tta_gpu (BERT-Small at 256x128, 20 s per arm, CUDA graphs; BERT-base does not leave its
@@ -36,6 +40,8 @@ race_args=(--experiment tta_gpu --arms vanilla,sift-loss,random --lrs 1e-3)
 if [[ -n "${GPU_DRY:-}" ]]; then  # the same commands on the CPU, small enough to finish in minutes
   step=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 2 --warmup 1 --steps 2 --max-profiles 0
         --compile off,reduce-overhead --diagnose --device cpu)
+  lpln=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0
+        --compile reduce-overhead --diagnose --device cpu --set model.low_precision_layernorm=true)
   big=(--model bert_tiny:8x32 --exits 1 --fracs 0.5 --reps 1 --warmup 1 --steps 2 --max-profiles 0
        --compile reduce-overhead --diagnose --device cpu)
   race+=(model=bert_tiny trainer.batch_size=8 trainer.max_time_s=4 trainer.eval_every_s=2 trainer.device=cpu
@@ -63,6 +69,8 @@ if [[ $PART == all || $PART == step ]]; then
   # vanilla, the hand-written loops, random and SIFT (k=1, frac 0.5): eager, and compiled with CUDA graphs
   timeout "$(left 200)" python3 benchmarks/step_cost.py "${step[@]}" --out "$OUT/step_cost.md" || echo "step cost: exit $?"
   grep -A5 "Against issue 14" "$OUT/step_cost.md" || true  # the verdict, in the call's output
+  timeout "$(left 200)" python3 benchmarks/step_cost.py "${lpln[@]}" --out "$OUT/step_cost-lpln.md" || echo "step cost: exit $?"
+  grep -A4 "Against issue 14" "$OUT/step_cost-lpln.md" || true
 fi
 if [[ $PART == big ]]; then
   timeout "$(left 10)" python3 benchmarks/step_cost.py "${big[@]}" --out "$OUT/step_cost-512.md" || echo "step cost: exit $?"

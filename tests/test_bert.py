@@ -4,10 +4,10 @@ import torch.nn.functional as F
 from sift_cli.models.bert import BertMLM
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, **options):
     torch.manual_seed(seed)
     return BertMLM(vocab_size=50, num_layers=3, hidden_size=32, num_heads=2, intermediate_size=64,
-                   max_position=64).eval()
+                   max_position=64, **options).eval()
 
 
 def masked_batch(seed=0, batch=6, length=16, vocab=50, predictions=4):
@@ -53,6 +53,27 @@ def test_scoring_selection_and_loss_compile_whole_with_static_shapes():
         scores, loss = compiled(batch)
         assert torch.equal(torch.compile(diverse, fullgraph=True, backend="eager")(batch), diverse(batch))
     assert torch.allclose(scores, eager_scores) and torch.allclose(loss, eager_loss)
+
+
+def test_low_precision_layer_norms_keep_the_encoder_in_the_autocast_dtype():
+    """model.low_precision_layernorm: nn.LayerNorm's results without autocast; under bf16 autocast the hidden
+    states stay bf16 where the standard norms hand on fp32, the loss and gradients stay close to theirs, and the
+    training loss still compiles whole."""
+    standard, low = tiny_model(), tiny_model(low_precision_layernorm=True)
+    batch = masked_batch()
+    assert torch.equal(low.loss(batch), standard.loss(batch))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert low._encode(batch["input_ids"], 3).dtype == torch.bfloat16
+        assert standard._encode(batch["input_ids"], 3).dtype == torch.float32
+        losses = [model.loss(batch) for model in (standard, low)]
+        compiled = torch.compile(low.loss, fullgraph=True, backend="eager")(batch)
+    assert torch.equal(compiled, losses[1])
+    assert abs(losses[1].item() - losses[0].item()) < 0.01 * losses[0].item()
+    grads = []
+    for model, loss in zip((standard, low), losses):
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
 def test_exact_exit_score_is_the_per_sample_loss_of_the_full_model():

@@ -32,6 +32,35 @@ def load_pretrained(name_or_path: str) -> BertForMaskedLM:
         ) from None
 
 
+class AutocastLayerNorm(nn.LayerNorm):
+    """A LayerNorm that takes and returns autocast's dtype (bf16, fp16) rather than the fp32 autocast gives it.
+
+    CUDA autocast runs layer_norm in fp32, so every norm writes fp32 and the residual stream that adds to its
+    output stays fp32: twice the bytes of the bf16 matrix products around it, in the kernels between them, which
+    are bound by memory bandwidth. Here the norm's input, weight and output are in the autocast dtype (the kernel
+    still accumulates its statistics in fp32), so the whole encoder runs in it: the low-precision LayerNorm of
+    MosaicML's BERT and MPT recipes. Without autocast it is nn.LayerNorm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype),
+                                self.eps)
+
+
+def autocast_layer_norms(model: nn.Module) -> None:
+    """Replace every nn.LayerNorm in `model` by an AutocastLayerNorm with the same parameters."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.LayerNorm:
+                norm = AutocastLayerNorm(child.normalized_shape, child.eps, device=child.weight.device)
+                norm.load_state_dict(child.state_dict())
+                setattr(parent, name, norm)
+
+
 class BertMLM(nn.Module):
     task = "mlm"
 
@@ -45,6 +74,7 @@ class BertMLM(nn.Module):
         max_position: int = 512,
         dropout: float = 0.1,
         pretrained: Optional[str] = None,
+        low_precision_layernorm: bool = False,
     ):
         super().__init__()
         if pretrained:
@@ -62,6 +92,8 @@ class BertMLM(nn.Module):
             )
             config._attn_implementation = "sdpa"
             self.mlm = BertForMaskedLM(config)
+        if low_precision_layernorm:
+            autocast_layer_norms(self.mlm)
         self.depth = self.mlm.config.num_hidden_layers
         self.max_length = self.mlm.config.max_position_embeddings
 
