@@ -326,6 +326,8 @@ def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict
     s = group.first
     final = mean_std([r.summary["final_val_acc"] for r in group.runs])
     best = mean_std([r.summary["best_val_acc"] for r in group.runs])
+    losses = [r.summary.get("final_val_loss") for r in group.runs]  # older records lack it
+    loss = mean_std(losses) if None not in losses else (None, None)
     step_ms = [1e3 * r.summary["train_time_s"] / r.summary["steps"] for r in group.runs if r.summary.get("steps")]
     step_ms = mean_std(step_ms) if len(step_ms) == len(group.runs) else (None, None)
     row = {"arm": group.arm, "method": group.method, "frac": s["frac"],
@@ -333,7 +335,8 @@ def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict
            "runs": len(group.runs) + len(group.repeats), "seeds": len(group.runs),
            "incomplete": incomplete_note(group.runs), "eval_interval_s": eval_interval(group),
            "ms_per_step_mean": step_ms[0], "ms_per_step_std": step_ms[1],
-           "final_acc_mean": final[0], "final_acc_std": final[1], "best_acc_mean": best[0], "best_acc_std": best[1]}
+           "final_acc_mean": final[0], "final_acc_std": final[1], "best_acc_mean": best[0], "best_acc_std": best[1],
+           "final_loss_mean": loss[0], "final_loss_std": loss[1]}
     reference = reference_for(group, groups)
     for target in targets:
         times = times_to(group, target)
@@ -374,6 +377,8 @@ def columns(row: dict, targets: list[float]) -> dict[str, str]:
     out = {"arm": row["arm"], "seeds": str(row["seeds"]) + (f" ({', '.join(notes)})" if notes else ""),
            "final acc": plus_minus(row["final_acc_mean"], row["final_acc_std"], 3),
            "best acc": plus_minus(row["best_acc_mean"], row["best_acc_std"], 3),
+           "final loss": "—" if row["final_loss_mean"] is None else
+           plus_minus(row["final_loss_mean"], row["final_loss_std"], 3),
            "eval every": "—" if interval is None else f"{interval:.{time_digits(interval)}f} s"}
     step_ms = row["ms_per_step_mean"]
     out["ms/step"] = "—" if step_ms is None else plus_minus(step_ms, row["ms_per_step_std"],

@@ -61,6 +61,7 @@ def write_run(folder: Path, accs: list[float], times: Optional[list[float]] = No
         "data": "text_files", "depth": 2, "exit_layer": exit_layer, "frac": frac, "criterion": criterion,
         "seed": seed, "device": "cpu", "accelerator": "Test CPU", "world_size": 1, "status": status, "restarts": 0,
         "steps": rows[-1]["step"], "train_time_s": times[-1], "final_val_acc": accs[-1], "best_val_acc": max(accs),
+        "final_val_loss": rows[-1]["val_loss"],
         "targets": {}, "run_dir": str(folder), "config": cfg}, summary or {})
     folder.mkdir(parents=True)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -159,6 +160,8 @@ def test_table_numbers_match_the_records(tmp_path, capsys):
         assert number(row["final_acc_mean"]) == pytest.approx(mean(finals))
         assert number(row["final_acc_std"]) == pytest.approx(stdev(finals))
         assert number(row["best_acc_mean"]) == pytest.approx(mean(bests))
+        assert number(row["final_loss_mean"]) == pytest.approx(mean(5 - f for f in finals))  # val_loss = 5 - acc
+        assert number(row["final_loss_std"]) == pytest.approx(stdev(finals))
         gaps = [b - a for _, times in runs.values() for a, b in zip(times, times[1:])]
         assert number(row["eval_interval_s"]) == pytest.approx(median(gaps))
         step_ms = [1e3 * times[-1] / (10 * (len(accs) - 1)) for accs, times in runs.values()]
@@ -186,6 +189,7 @@ def test_table_numbers_match_the_records(tmp_path, capsys):
 
     cells = markdown_rows(markdown)
     assert cells["vanilla"]["seeds"] == "2 (4 runs)" and cells["sift-loss k1 f0.5"]["seeds"] == "2"
+    assert cells["vanilla"]["final loss"] == "4.200±0.000"
     assert cells["random f0.5"][f"time to {some:g}"] == "1/2 reached"
     assert cells["sift-loss k1 f0.5"][f"time to {some:g}"] == "1/2 reached"
     assert cells["vanilla"][f"speedup {everyone:g}"] == "baseline"
