@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from sift_cli import distributed
-from sift_cli.config import RESUMABLE, RESUMABLE_PREFIXES, ConfigError, first_line
+from sift_cli.config import RESUMABLE, RESUMABLE_PREFIXES, ConfigError, code_defaults, first_line
 from sift_cli.faults import kill_point
 from sift_cli.records import COMPLETED, flat_config, run_status, write_atomic
 
@@ -170,8 +170,10 @@ def load_tensors(folder: Path) -> dict:
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ in a way that changes training (budgets and sinks may differ)."""
+    """Keys whose values differ in a way that changes training (budgets and sinks may differ). A key the old
+    config lacks (a run saved by a version before the key) differs only where the new value is not its default."""
     a, b = flat_config(old), flat_config(new)
+    a.update({k: v for k, v in flat_config(code_defaults(new)).items() if k not in a and k in b})
     return sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES))
 

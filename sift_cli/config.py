@@ -8,6 +8,7 @@ home. `model` and `data` stay free-form: their keys are the constructor argument
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
 import inspect
 import math
@@ -227,6 +228,27 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
     if depth is not None:
         check_exit_layer(cfg.exit_layer, depth, model_name)
     check_positions(cfg.data.get("seq_len"), None if cfg.model.get("pretrained") else cfg.model.get("max_position"))
+
+
+def code_defaults(config: dict) -> dict:
+    """The value the code gives each key that has a default there, nested as `config` is: the model's and the
+    data's from their targets' signatures, the others from the schema. A key that a newer version added holds
+    its default in a run saved before it: a new option's default keeps the behaviour from before it."""
+    def given(schema) -> dict:  # MISSING: the YAML files must give the value
+        return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in fields(schema) if f.default not in (MISSING, dataclasses.MISSING)
+                or f.default_factory is not dataclasses.MISSING}
+
+    defaults = {**given(Config), "trainer": given(TrainerConfig), "logger": given(LoggerConfig),
+                "diagnostics": given(DiagnosticsConfig)}
+    for group in ("model", "data"):
+        try:
+            target = pkgutil.resolve_name(config[group]["_target_"])
+        except (KeyError, TypeError, ImportError, AttributeError, ValueError):
+            continue  # an older run's target that is gone: none of its keys has a default to go by
+        defaults[group] = {name: p.default for name, p in inspect.signature(target).parameters.items()
+                           if p.default is not inspect.Parameter.empty}
+    return defaults
 
 
 def importable(key: str, name: str, example: str) -> Any:

@@ -228,6 +228,20 @@ def test_another_config_or_resume_never_is_refused_and_the_folder_kept(reference
     assert {p: p.read_bytes() for p in (folder / ".hydra").iterdir()} == hydra_files
 
 
+def test_a_run_saved_before_a_key_existed_resumes_when_the_key_holds_its_default(reference, corpus_file, tmp_path):
+    """A newer version's option (here model.low_precision_layernorm) is absent from an older run's config: at its
+    default the run is the same one and extends; set otherwise, it is another config."""
+    folder = copy_run(reference("sift"), tmp_path / "run")
+    saved = json.loads((folder / "run.json").read_text())
+    del saved["config"]["model"]["low_precision_layernorm"]
+    (folder / "run.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=re.escape("another config: model.low_precision_layernorm (None -> True)")):
+        run(make_config(overrides("sift", corpus_file, "trainer.max_steps=8", "model.low_precision_layernorm=true")),
+            folder)
+    done = run(make_config(overrides("sift", corpus_file, "trainer.max_steps=8")), folder)
+    assert done["status"] == "completed" and done["steps"] == 8 and done["restarts"] == 1
+
+
 def test_raising_max_steps_extends_a_finished_run(reference, corpus_file, tmp_path):
     folder = copy_run(reference("sift"), tmp_path / "run")
     before = (folder / "metrics.jsonl").read_text().splitlines()
