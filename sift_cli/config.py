@@ -234,10 +234,14 @@ def code_defaults(config: dict) -> dict:
     """The value the code gives each key that has a default there, nested as `config` is: the model's and the
     data's from their targets' signatures, the others from the schema. A key that a newer version added holds
     its default in a run saved before it: a new option's default keeps the behaviour from before it."""
-    def given(schema) -> dict:  # MISSING: the YAML files must give the value
-        return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                for f in fields(schema) if f.default not in (MISSING, dataclasses.MISSING)
-                or f.default_factory is not dataclasses.MISSING}
+    def given(schema) -> dict:
+        values = {}
+        for f in fields(schema):
+            if f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+            elif f.default not in (MISSING, dataclasses.MISSING):  # MISSING: the YAML files give the value
+                values[f.name] = f.default
+        return values
 
     defaults = {**given(Config), "trainer": given(TrainerConfig), "logger": given(LoggerConfig),
                 "diagnostics": given(DiagnosticsConfig)}

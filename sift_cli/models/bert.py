@@ -36,8 +36,8 @@ class AutocastLayerNorm(nn.LayerNorm):
     """A LayerNorm that takes and returns autocast's dtype (bf16, fp16) rather than the fp32 autocast gives it.
 
     CUDA autocast runs layer_norm in fp32, so every norm writes fp32 and the residual stream that adds to its
-    output stays fp32: twice the bytes of the bf16 matrix products around it, in the kernels between them, which
-    are bound by memory bandwidth. Here the norm's input, weight and output are in the autocast dtype (the kernel
+    output stays fp32: twice the bytes of bf16 in the kernels between the matrix products, which are bound by
+    memory bandwidth. Here the norm's input, weight and output are in the autocast dtype (the kernel
     still accumulates its statistics in fp32), so the whole encoder runs in it: the low-precision LayerNorm of
     MosaicML's BERT and MPT recipes. Without autocast it is nn.LayerNorm."""
 
