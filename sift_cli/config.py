@@ -32,15 +32,17 @@ BATCH_MODES = ("scored", "updated")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PROGRESS = ("auto", "true", "false")
 SWITCH = ("auto", "true", "false")
-# torch.compile's documented modes (null: its default)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# auto (the trainer's choice, see trainer.compile_mode), then torch.compile's documented modes (null: its default)
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULE_UNITS = ("time", "steps", "samples")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 SELECTION_SCOPES = ("local", "global")
 # keys whose value does not change what a run computes: a resumed run may differ in them
+# (a compiled step trains as the eager one: measured on a GPU, benchmarks/results/gpu-h200-lpln)
 RESUMABLE = ("trainer.max_steps", "trainer.max_time_s", "trainer.progress", "trainer.resume", "trainer.device",
              "trainer.checkpoint_every_s", "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
-             "trainer.eval_batch_size", "name", "tags", "targets", "data.cache_dir", "data.num_workers")
+             "trainer.eval_batch_size", "trainer.compile", "trainer.compile_mode", "name", "tags", "targets",
+             "data.cache_dir", "data.num_workers")
 RESUMABLE_PREFIXES = ("logger.", "diagnostics.")
 # an example for each mandatory value a data choice leaves open
 EXAMPLES = {"data.paths": "data.paths=[corpus.txt]",
@@ -72,7 +74,7 @@ class TrainerConfig:
     warmup: float = MISSING  # in schedule_unit
     precision: str = MISSING
     compile: str = MISSING
-    compile_mode: Optional[str] = None
+    compile_mode: Optional[str] = "auto"
     deterministic: bool = False
     device: str = MISSING
     selection_scope: str = MISSING

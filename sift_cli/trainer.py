@@ -340,14 +340,24 @@ def prepare_step(model, cfg, optimizer, scaler: torch.amp.GradScaler, sel: Selec
     return run_step
 
 
+def compile_mode(asked: Optional[str], device: torch.device) -> Optional[str]:
+    """trainer.compile_mode as torch.compile takes it. auto: CUDA graphs for one CUDA process (on an H200 they
+    trained as eager and made every arm faster); torch.compile's default on a CPU, which has no graphs, and
+    under torchrun, where CUDA graphs with DDP are untested here."""
+    if asked == "auto":
+        return "reduce-overhead" if device.type == "cuda" and distributed.world() == 1 else None
+    return asked
+
+
 def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device) -> Step:
     """torch.compile the scoring pass and the training forward/backward, warmed up on a batch before the
     clock starts (state restored afterwards). A failure falls back to eager with a one-line warning; CUDA
     graphs asked for but left out (a CPU, mutated buffers such as batch norm's) cost a one-line warning too,
-    since torch.compile itself says so only under TORCH_LOGS=cudagraphs."""
+    since torch.compile itself says so only under TORCH_LOGS=cudagraphs (under compile_mode=auto, a log line:
+    the user did not ask, and summary.json's cuda_graphs says it)."""
     from torch._dynamo.utils import counters  # where inductor counts the graphs it could not capture
 
-    mode = cfg.trainer.compile_mode
+    mode = compile_mode(cfg.trainer.compile_mode, device)
     graphs = bool(mode and "reduce-overhead" in mode)
     compile_fn = functools.partial(torch.compile, mode=mode, dynamic=False)
     core = distributed.unwrap(eager.model)
@@ -368,9 +378,10 @@ def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device)
         return eager
     compiled.cuda_graphs = graphs and counters["inductor"]["cudagraph_skips"] == skips
     if graphs and not compiled.cuda_graphs:
-        warnings.warn(f"trainer.compile_mode={mode}: torch.compile left CUDA graphs out of "
-                      f"{counters['inductor']['cudagraph_skips'] - skips} compiled graph(s) on {device.type} "
-                      f"(TORCH_LOGS=cudagraphs says why); those run compiled, without CUDA graphs")
+        tell = log.info if cfg.trainer.compile_mode == "auto" else functools.partial(warnings.warn, stacklevel=2)
+        tell(f"trainer.compile_mode={mode}: torch.compile left CUDA graphs out of "
+             f"{counters['inductor']['cudagraph_skips'] - skips} compiled graph(s) on {device.type} "
+             f"(TORCH_LOGS=cudagraphs says why); those run compiled, without CUDA graphs")
     compiled.compile_time_s = time.perf_counter() - start
     log.info("compiled in %.1f s (compile_time_s, not training time)", compiled.compile_time_s)
     return compiled

@@ -56,8 +56,8 @@ def test_checkpoint_tokenizer_follows_model_pretrained():
      "use trainer.schedule_unit=time"),
     ("trainer.schedule_unit=epochs", "trainer.schedule_unit=epochs is not allowed; choose one of: time, steps"),
     ("trainer.compile=maybe", "trainer.compile=maybe is not allowed; choose one of: auto, true, false"),
-    ("trainer.compile_mode=fastest", "trainer.compile_mode=fastest is not allowed; choose one of: default, "
-                                     "reduce-overhead, max-autotune"),
+    ("trainer.compile_mode=fastest", "trainer.compile_mode=fastest is not allowed; choose one of: auto, "
+                                     "default, reduce-overhead, max-autotune"),
     ("trainer.selection_scope=world", "trainer.selection_scope=world is not allowed; choose one of: local, global"),
     ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints=0 must be at least 1"),
     ("trainer.bach_size=8", "trainer.bach_size is not a known key; did you mean trainer.batch_size?"),

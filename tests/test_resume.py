@@ -216,7 +216,9 @@ def test_another_config_or_resume_never_is_refused_and_the_folder_kept(reference
     before = (folder / "metrics.jsonl").read_bytes()
     with pytest.raises(ConfigError, match=re.escape(f"the run folder {folder} holds a run with another config: "
                                                     "frac (0.5 -> 0.3), seed (0 -> 1); rerun with its values")):
-        run(make_config(overrides("sift", corpus_file, "frac=0.3", "seed=1")), folder)
+        # how the step is compiled is not named: a compiled step trains as the eager one
+        run(make_config(overrides("sift", corpus_file, "frac=0.3", "seed=1", "trainer.compile=true",
+                                  "trainer.compile_mode=max-autotune")), folder)
     with pytest.raises(ConfigError, match=f"the run folder {folder} already holds a run and trainer.resume=never"):
         run(make_config(overrides("sift", corpus_file, "trainer.resume=never")), folder)
     # the same config is the same run: completed, so nothing to do
@@ -229,16 +231,17 @@ def test_another_config_or_resume_never_is_refused_and_the_folder_kept(reference
 
 
 def test_a_run_saved_before_a_key_existed_resumes_when_the_key_holds_its_default(reference, corpus_file, tmp_path):
-    """A newer version's option (here model.low_precision_layernorm) is absent from an older run's config: at its
-    default the run is the same one and extends; set otherwise, it is another config."""
+    """A newer version's option (here model.low_precision_layernorm) is absent from an older run's config: at the
+    code's default, the behaviour from before the option (false), the run is the same one and extends; at the
+    YAML's default (true) or anything else, it is another config."""
     folder = copy_run(reference("sift"), tmp_path / "run")
     saved = json.loads((folder / "run.json").read_text())
     del saved["config"]["model"]["low_precision_layernorm"]
     (folder / "run.json").write_text(json.dumps(saved))
     with pytest.raises(ConfigError, match=re.escape("another config: model.low_precision_layernorm (None -> True)")):
-        run(make_config(overrides("sift", corpus_file, "trainer.max_steps=8", "model.low_precision_layernorm=true")),
-            folder)
-    done = run(make_config(overrides("sift", corpus_file, "trainer.max_steps=8")), folder)
+        run(make_config(overrides("sift", corpus_file, "trainer.max_steps=8")), folder)
+    done = run(make_config(overrides("sift", corpus_file, "trainer.max_steps=8", "model.low_precision_layernorm=false")),
+               folder)
     assert done["status"] == "completed" and done["steps"] == 8 and done["restarts"] == 1
 
 

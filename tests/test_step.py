@@ -6,6 +6,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_config, sift_train, tiny_overrides
-from sift_cli import hardware
+from sift_cli import hardware, trainer
 from sift_cli.config import ConfigError
 from sift_cli.records import read_metrics
 from sift_cli.train import run
@@ -126,6 +127,27 @@ def test_cuda_graphs_left_out_are_one_warning_and_the_run_trains_compiled(corpus
                                                  "trainer.compile_mode=reduce-overhead", "trainer.max_steps=3")), tmp_path)
     assert summary["status"] == "completed" and summary["compile_time_s"] > 0 and summary["steps"] == 3
     assert summary["compiled"] and not summary["cuda_graphs"]  # the record says how the step ran
+
+
+def test_compile_mode_auto_is_cuda_graphs_for_one_cuda_process_only(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert trainer.compile_mode("auto", cuda) == "reduce-overhead"
+    assert trainer.compile_mode("auto", cpu) is None  # no graphs on a CPU: torch.compile's default
+    assert trainer.compile_mode("max-autotune", cuda) == "max-autotune" and trainer.compile_mode(None, cuda) is None
+    monkeypatch.setattr(trainer.distributed, "world", lambda: 2)  # under torchrun, CUDA graphs with DDP are untested
+    assert trainer.compile_mode("auto", cuda) is None
+
+
+def test_cuda_graphs_left_out_under_compile_mode_auto_are_a_log_line_not_a_warning(corpus_file, tmp_path, caplog,
+                                                                                   monkeypatch):
+    # auto picks CUDA graphs on a GPU, where a ResNet's batch norm keeps some out: the user did not ask for them
+    monkeypatch.setattr(trainer, "compile_mode", lambda asked, device: "reduce-overhead")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="sift_cli"):
+        warnings.simplefilter("always")
+        summary = run(make_config(tiny_overrides(corpus_file, "trainer.compile=true", "trainer.max_steps=2")), tmp_path)
+    assert summary["compiled"] and not summary["cuda_graphs"]
+    assert "torch.compile left CUDA graphs out" in caplog.text
+    assert not [w for w in caught if "CUDA graphs" in str(w.message)]
 
 
 def test_a_compile_failure_falls_back_to_eager_with_one_warning(corpus_file, tmp_path, monkeypatch):
