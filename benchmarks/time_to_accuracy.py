@@ -13,7 +13,8 @@ evaluation excluded) at the first evaluation that reached a target; ratios pair 
 
     python benchmarks/time_to_accuracy.py                      # conf/experiment/tta_docstrings.yaml
     python benchmarks/time_to_accuracy.py --quick              # a minute-long smoke test of the script
-    python benchmarks/time_to_accuracy.py --runs-dir DIR       # resume: finished runs are kept
+    python benchmarks/time_to_accuracy.py --runs-dir DIR       # resume: finished runs are kept, or trained
+                                                               # on where a budget is raised
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Optional
 from hydra.utils import get_class
 
 from common import RESULTS, app_config, command_line, machine, markdown_table
+from sift_cli.checkpoint import extends, read_run
 from sift_cli.records import COMPLETED, SUMMARY, read_metrics, run_status, time_to_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,17 +63,17 @@ class Runner:
 
     def run(self, stage: str, arm: str, lr: float, seed: int) -> Path:
         folder = self.folder(stage, arm, lr, seed)
-        if run_status(folder) == COMPLETED:
-            return folder  # finished in an earlier, interrupted call
         overrides = [f"experiment={self.experiment}", *(o.format(depth=self.depth) for o in ARMS[arm]),
                      f"trainer.optimizer.lr={lr:g}", f"seed={seed}", "logger=none", "trainer.progress=false",
-                     *self.extra, *self.stage_overrides[stage],
-                     f"hydra.sweep.dir={folder.parent}", f"hydra.sweep.subdir={folder.name}"]
-        command = [sys.executable, "-m", "sift_cli.train", "--multirun", *overrides]
+                     *self.extra, *self.stage_overrides[stage]]
+        if run_status(folder) == COMPLETED and not raises_budget(folder, overrides):
+            return folder  # finished in an earlier call, with the budget this call asks for
+        command = [sys.executable, "-m", "sift_cli.train", "--multirun", *overrides,
+                   f"hydra.sweep.dir={folder.parent}", f"hydra.sweep.subdir={folder.name}"]
         folder.parent.mkdir(parents=True, exist_ok=True)
         log = folder.parent / f"{folder.name}.log"
         started = time.perf_counter()
-        with open(log, "w") as out:
+        with open(log, "a") as out:  # a run extended by a later call keeps its first part's log
             out.write(" ".join(command) + "\n")
             out.flush()
             done = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -83,6 +85,14 @@ class Runner:
         print(f"  {stage} {arm:>12} lr={lr:<7g} seed={seed}: best val_acc {summary['best_val_acc']:.4f}, "
               f"{summary['steps']} steps, {time.perf_counter() - started:.0f} s wall", flush=True)
         return folder
+
+
+def raises_budget(folder: Path, overrides: list[str]) -> bool:
+    """Whether these overrides give a finished run more steps or time: sift-train then trains it on."""
+    trainer = app_config(overrides).trainer
+    saved = read_run(folder)
+    return saved is not None and extends(saved["config"], {"trainer": {"max_steps": trainer.max_steps,
+                                                                       "max_time_s": trainer.max_time_s}})
 
 
 def best_rates(runner: Runner, arms: list[str], lrs: list[float], seed: int) -> tuple[dict, list[list]]:
@@ -223,14 +233,17 @@ def main() -> None:
     for round_, seed in enumerate(seeds):
         for arm in rotated(arms, round_):
             runner.run("main", arm, lr[arm], seed)
-    # from the files, so that a resumed call reports the whole run: first log written to last summary
-    logs, summaries = list(runs_dir.glob("*/*.log")), list(runs_dir.glob("*/*/" + SUMMARY))
-    elapsed = max(p.stat().st_mtime for p in summaries) - min(p.stat().st_ctime for p in logs)
+    # from the summaries, so that a call that resumed or extended runs reports them whole
+    summaries = [json.loads(p.read_text()) for p in runs_dir.glob("*/*/" + SUMMARY)]
+    elapsed = sum(s["wall_time_s"] for s in summaries)
+    continued = sum(1 for s in summaries if s.get("restarts"))
 
     t, d = cfg.trainer, cfg.data
     text = [
         "# Time to accuracy: SIFT against vanilla and random selection", "",
-        f"- Command: `{command_line()}` (the runs took {elapsed / 60:.0f} min of wall time)",
+        f"- Command: `{command_line()}` (the runs took {elapsed / 60:.0f} min of wall time"
+        + (f"; {continued} of {len(summaries)} went on from an earlier call, resumed or given a longer budget, "
+           "and count from their start)" if continued else ")"),
         f"- Machine: {machine()}; load average {os.getloadavg()[0]:.1f} when this report was written "
         "(other work shared the machine; the interleaved order spreads its load over every arm)",
         f"- Setup (`experiment={args.experiment}` {' '.join(args.overrides)}): model {described(cfg.model)} "

@@ -1,9 +1,10 @@
 """benchmarks/time_to_accuracy.py at a tiny size: the race a lent GPU runs (benchmarks/gpu.sh) launches every
 arm through the CLI, reads its folders back and writes a complete report, and a second call with one seed
-more keeps the finished runs."""
+more keeps the finished runs; a longer budget trains them on."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -38,3 +39,12 @@ def test_the_race_reports_every_arm_and_a_second_call_adds_a_seed(corpus_file, t
     second = race("0,1")
     assert "Seeds 0, 1;" in second and len(list(runs.glob("main/*/summary.json"))) == 6
     assert all(p.stat().st_mtime == mtime for p, mtime in finished.items())  # seed 0 was not run again
+
+    # a longer budget trains the finished runs on (sift-train extends them), keeping their first logs
+    logs = {p: p.read_text() for p in runs.glob("main/*-s0.log")}
+    tiny[tiny.index("trainer.max_time_s=1")] = "trainer.max_time_s=2"
+    race("0")
+    for summary in finished:
+        run = json.loads(summary.read_text())
+        assert run["status"] == "completed" and run["restarts"] == 1 and run["train_time_s"] >= 2
+    assert all(p.read_text().startswith(text) and len(p.read_text()) > len(text) for p, text in logs.items())
