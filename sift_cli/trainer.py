@@ -378,7 +378,7 @@ def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device)
         return eager
     compiled.cuda_graphs = graphs and counters["inductor"]["cudagraph_skips"] == skips
     if graphs and not compiled.cuda_graphs:
-        tell = log.info if cfg.trainer.compile_mode == "auto" else functools.partial(warnings.warn, stacklevel=2)
+        tell = log.info if cfg.trainer.compile_mode == "auto" else warnings.warn
         tell(f"trainer.compile_mode={mode}: torch.compile left CUDA graphs out of "
              f"{counters['inductor']['cudagraph_skips'] - skips} compiled graph(s) on {device.type} "
              f"(TORCH_LOGS=cudagraphs says why); those run compiled, without CUDA graphs")
