@@ -92,14 +92,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build(node: DictConfig, **kwargs):
+def build(node: DictConfig, refusal_of: Optional[str] = None, **kwargs):
     """hydra.utils.instantiate, letting a ConfigError raised by the target through unwrapped (validate has
-    checked the node's keys and types against the target's signature)."""
+    checked the node's keys and types against the target's signature). With `refusal_of` (the config key), a
+    ValueError from the target is a value it refuses, e.g. HF's check that heads divide the hidden size, and
+    becomes one line too."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
+        if refusal_of and isinstance(err.__cause__, ValueError):
+            raise ConfigError(f"{refusal_of} ({node._target_}) refuses its settings: {first_line(err.__cause__)}"
+                              ) from None
         raise
 
 
@@ -148,7 +153,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     data = build(cfg.data)
     model_name = choice_name(cfg, choices, "model")
     check_task(get_class(cfg.model._target_), data.task, model_name, choice_name(cfg, choices, "data"))
-    model = build(cfg.model, **data.model_args).to(device)
+    model = build(cfg.model, "model", **data.model_args).to(device)
     check_exit_layer(cfg.exit_layer, model.depth, model_name)
     check_positions(cfg.data.get("seq_len"), getattr(model, "max_length", None))  # a checkpoint's own limit
     arm = method(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth)

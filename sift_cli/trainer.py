@@ -219,6 +219,10 @@ class Selection:
         """What a run's config asks of this process: its share of trainer.batch_size, scored and kept."""
         t, world = cfg.trainer, distributed.world()
         scored, kept = step_sizes(t.batch_size // world, cfg.frac, t.batch_mode)
+        if kept == scored and cfg.frac < 1:  # a batch too small to leave a row out
+            warnings.warn(f"frac={cfg.frac} keeps all {kept} rows of a batch of {scored} per process "
+                          f"(trainer.batch_size={t.batch_size}): this arm updates on every row as vanilla does, "
+                          f"after a selection that drops none; raise trainer.batch_size")
         return cls(cfg.frac, cfg.criterion, scored, kept, cfg.seed, t.selection_scope, device, world,
                    distributed.rank())
 

@@ -187,11 +187,14 @@ def test_cli_help_and_cfg_show_groups_and_the_composed_config():
 
 def test_cli_warnings_of_our_own_are_one_line(corpus_file, tmp_path):
     out = sift_train(*tiny_overrides(corpus_file), "trainer.max_steps=1", "trainer.precision=fp16",
-                     f"hydra.run.dir={tmp_path}")
+                     "trainer.batch_size=1", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr
-    lines = [line for line in out.stderr.splitlines() if "fp16" in line]
-    assert lines == ["sift-train: warning: trainer.precision=fp16 on a CPU: most CPUs have no fast fp16 arithmetic, "
-                     "so this trains several times slower than fp32; fp16 is meant for GPUs without bf16"], out.stderr
+    lines = {line for line in out.stderr.splitlines() if "warning" in line}
+    assert lines == {"sift-train: warning: trainer.precision=fp16 on a CPU: most CPUs have no fast fp16 arithmetic, "
+                     "so this trains several times slower than fp32; fp16 is meant for GPUs without bf16",
+                     "sift-train: warning: frac=0.5 keeps all 1 rows of a batch of 1 per process "
+                     "(trainer.batch_size=1): this arm updates on every row as vanilla does, after a selection "
+                     "that drops none; raise trainer.batch_size"}, out.stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -203,6 +206,10 @@ def test_cli_warnings_of_our_own_are_one_line(corpus_file, tmp_path):
     (["data.paths=[/no/such/file.txt]"], "data.paths contains /no/such/file.txt, which is not a file"),
     (["data.paths=[EMPTY]"], "which holds no text"),
     (["model.pretrained=CORRUPT"], "could not be loaded as a tokenizer"),
+    # the model's own refusals, as it is built: ours, and a ValueError of the library it builds on
+    (["model.num_layers=0"], "model.num_layers=0 must be at least 1"),
+    (["model.num_heads=3"], "model (sift_cli.models.bert.BertMLM) refuses its settings: The hidden size (128) is "
+                            "not a multiple of the number of attention heads (3)"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_no_traceback(args, message, corpus_file, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")

@@ -77,6 +77,13 @@ class BertMLM(nn.Module):
         low_precision_layernorm: bool = False,
     ):
         super().__init__()
+        sizes = {"num_layers": num_layers, "hidden_size": hidden_size, "num_heads": num_heads,
+                 "intermediate_size": intermediate_size, "max_position": max_position}
+        for key, size in sizes.items():
+            if size is not None and size < 1:
+                raise ConfigError(f"model.{key}={size} must be at least 1")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"model.dropout={dropout} is not allowed; use a probability in [0, 1), e.g. 0.1")
         if pretrained:
             self.mlm = load_pretrained(pretrained)
         else:  # random weights, as in pre-training
@@ -85,7 +92,7 @@ class BertMLM(nn.Module):
                 hidden_size=hidden_size,
                 num_hidden_layers=num_layers,
                 num_attention_heads=num_heads,
-                intermediate_size=intermediate_size or 4 * hidden_size,
+                intermediate_size=4 * hidden_size if intermediate_size is None else intermediate_size,
                 max_position_embeddings=max_position,
                 hidden_dropout_prob=dropout,
                 attention_probs_dropout_prob=dropout,
