@@ -71,8 +71,11 @@ class Checkpointer:
             tmp.mkdir(parents=True, exist_ok=True)
             files = {}
             for name, obj in tensors.items():
-                torch.save(obj, tmp / f"{name}.pt")
                 files[f"{name}.pt"] = tmp / f"{name}.pt"
+                try:
+                    torch.save(obj, files[f"{name}.pt"])
+                except RuntimeError as err:  # how torch.save reports a failed write (a full disk: ENOSPC)
+                    raise OSError(f"writing {name}.pt failed: {first_line(err)}") from err
             (tmp / "state.json").write_text(json.dumps(state))
             files["state.json"] = tmp / "state.json"
             for path in files.values():
@@ -113,15 +116,19 @@ class Checkpointer:
                 warnings.warn(f"checkpoint {folder} is not valid ({err}); trying the one before it")
         return None
 
-    def write_clock(self, step: int, train_time_s: float, every_s: float = 1.0) -> None:
-        """Where the clock stood, about every second: what a kill throws away is known to within one."""
+    def write_clock(self, step: int, train_time_s: float, lost_time_s: float, restarts: int,
+                    every_s: float = 1.0) -> None:
+        """Where the clock stood, about every second: what a kill throws away is known to within one. With it,
+        the time lost and the restarts so far, which a checkpoint holds only from the next one on: a process
+        killed before then must not take the earlier kills' toll with it."""
         now = time.monotonic()
         if now - self._last_clock_write < every_s:
             return
         self._last_clock_write = now
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
-            (self.folder / CLOCK).write_text(json.dumps({"step": step, "train_time_s": train_time_s}))
+            (self.folder / CLOCK).write_text(json.dumps({"step": step, "train_time_s": train_time_s,
+                                                         "lost_time_s": lost_time_s, "restarts": restarts}))
         except OSError:
             pass  # the lost time is then reported as 0: a number, not a failed run
 

@@ -146,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         return summary
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(cfg.trainer.deterministic)  # set either way: a sweep's jobs share a process
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.seed)
     kill_point("data", 0)
@@ -164,11 +164,12 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
 
     checkpointer = Checkpointer(run_dir, cfg.trainer.keep_checkpoints)
     resumed, previous = None, read_run(run_dir) if main else None
+    if main:  # first: a save cut short between its two renames left the checkpoint it replaces aside
+        checkpointer.clean()
     if action == "resume":
         found = distributed.from_main(lambda: resume_point(run_dir, checkpointer, str(cfg.trainer.resume), config))
         resumed = None if found is None else (load_tensors(found[0]), found[1])
     if main:
-        checkpointer.clean()
         wandb_id = (previous or {}).get("wandb_id") or secrets.token_hex(4)
         write_atomic(run_dir / "run.json", json.dumps({"run_name": name, "wandb_id": wandb_id, "config": config},
                                                       indent=1))

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from hydra.utils import instantiate
@@ -57,6 +57,9 @@ class Clock:
     def peek(self) -> float:
         # no synchronisation: off by at most the work still queued on the GPU, fine for a budget check
         return self.total + (time.perf_counter() - self.since if self.since is not None else 0.0)
+
+    def advance(self, seconds: float) -> None:
+        self.total += seconds
 
 
 @contextlib.contextmanager
@@ -395,10 +398,10 @@ def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device)
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], autocast) -> dict:
+def evaluate(model, batches: Iterable[dict], autocast, device: torch.device) -> dict:
     """Validation accuracy and loss from the sums of every process's shard, reduced exactly."""
     with eval_mode(model), autocast():
-        sums = [model.evaluate(b) for b in batches]
+        sums = [model.evaluate(to_device(b, device)) for b in batches]
     keys = sorted(sums[0])
     total = distributed.all_reduce_sum(torch.stack([sum(s[k] for s in sums).double() for k in keys]))
     total = dict(zip(keys, total.tolist()))
@@ -533,11 +536,17 @@ def restore(model, optimizer, scaler: torch.amp.GradScaler, resumed: Optional[tu
         if scaler.is_enabled():  # fp16: the loss scale it had reached (trainer.precision cannot change on resume)
             scaler.load_state_dict(tensors["scaler"])
         state = TrainState.from_json(saved["train_state"], device)
-    clock_at_kill = checkpointer.clock() if distributed.is_main() else None  # where the clock stood at a kill
+    if not distributed.is_main():  # the main process alone keeps the run's record of restarts
+        return state
+    clock_at_kill = checkpointer.clock()  # where the clock stood when the last process ended
+    if clock_at_kill:  # the toll of earlier kills, where that process ended before its next checkpoint
+        state.lost_time_s = max(state.lost_time_s, clock_at_kill.get("lost_time_s", 0.0))
+        state.restarts = max(state.restarts, clock_at_kill.get("restarts", 0))
     if resumed is not None or clock_at_kill:
         state.restarts += 1
     if clock_at_kill and clock_at_kill["train_time_s"] > state.train_time_s:
         state.lost_time_s += clock_at_kill["train_time_s"] - state.train_time_s
+    checkpointer.write_clock(state.step, state.train_time_s, state.lost_time_s, state.restarts, every_s=0)
     return state
 
 
@@ -560,14 +569,16 @@ class Training:
         self.scaler = grad_scaler_for(t.precision, device)
         self.state = restore(model, self.optimizer, self.scaler, resumed, checkpointer, device)
         self.model, self.core = distributed.wrap(model, device), model
-        self.val = [to_device(b, device) for b in data.val_batches(t.eval_batch_size, rank, world)]
-        if not self.val:
+        self.val = data.val_batches(t.eval_batch_size, rank, world)  # on the host, each batch moved as it is scored
+        if distributed.agree_max([float(not len(self.val))])[0]:  # refused on every rank: none waits for the rest
             raise ConfigError(f"the validation set has too few samples to give each of {world} processes one")
+        self.probe = to_device(next(iter(self.val)), device)  # the diagnostics' batch
         self.gate = Gate() if data.num_workers else None
         self.num_train = data.num_train
         self.cfg, self.record, self.checkpointer, self.device, self.meta = cfg, record, checkpointer, device, meta
         self.autocast = autocast_for(t.precision, device)
         self.clock, self.wall_start = Clock(device, self.state.train_time_s), time.perf_counter()
+        self.elapsed = self.state.train_time_s  # the training time every rank agrees on: agree() keeps it
         self.horizon = {"steps": t.max_steps, "time": t.max_time_s,
                         "samples": t.max_steps * t.batch_size if t.max_steps else None}[t.schedule_unit]
         self.step_fn: Optional[Step] = None  # prepare() sets it
@@ -583,7 +594,7 @@ class Training:
         """The schedule at this step's progress, in the unit the arms are compared in."""
         t, state = self.cfg.trainer, self.state
         progress = {"steps": state.step, "samples": state.samples_backpropagated,
-                    "time": self.clock.peek()}[t.schedule_unit]
+                    "time": self.elapsed}[t.schedule_unit]
         factor = lr_factor(progress, t.warmup, self.horizon, t.scheduler)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
@@ -629,7 +640,7 @@ class Training:
         losses = [loss for loss, _ in state.window]
         row = {"step": state.step, "train_time_s": self.clock.total, "wall_time_s": self.wall_time(),
                "samples_seen": state.samples_seen, "samples_backpropagated": state.samples_backpropagated,
-               **evaluate(self.core, self.val, self.autocast),
+               **evaluate(self.core, self.val, self.autocast, self.device),
                "train_loss": torch.stack(losses).mean().item() if losses else None,
                "lr": self.optimizer.param_groups[0]["lr"], "data_time_s": state.data_time_s,
                **self.throughput(), **self.window_scores()}
@@ -637,6 +648,7 @@ class Training:
             row["loss_scale"] = self.scaler.get_scale()
         state.window.clear()
         state.last_eval_step = state.step
+        state.next_eval_s = self.after(self.cfg.trainer.eval_every_s)
         self.record.log(row)
         if distributed.is_main():  # the one process that writes summary.json
             self.record.progress(self.totals(records.RUNNING))
@@ -646,12 +658,13 @@ class Training:
         """Exit-layer diagnostics on the main process's probe batch: a sample, not a sum to reduce."""
         if distributed.is_main():
             self.record.log({"step": self.state.step, "train_time_s": self.clock.total,
-                             **diagnose(self.core, self.val[0], self.cfg.frac, self.cfg.criterion, self.autocast)},
+                             **diagnose(self.core, self.probe, self.cfg.frac, self.cfg.criterion, self.autocast)},
                             DIAGNOSTICS)
 
     def checkpoint(self) -> None:
         state = self.state
         state.train_time_s = self.clock.total
+        state.next_checkpoint_s = self.after(self.cfg.trainer.checkpoint_every_s)
         self.settle_window()  # the window saved is the global one, whichever rank count resumes it
         if distributed.is_main():
             saved = state.to_json()
@@ -666,17 +679,30 @@ class Training:
 
     def after(self, every_s: Optional[float]) -> float:
         """The training time at which a task due every `every_s` training seconds falls due next."""
-        return self.clock.total + (every_s or math.inf)
+        return self.elapsed + (every_s or math.inf)
+
+    def agree(self, request: Request = Request.NONE) -> Request:
+        """One training time and one stop request for every rank, after each step and each pause: the slowest
+        rank's clock (every rank's clock moves on to it) and the strongest request. Whatever depends on time
+        (the learning rate, evaluations, checkpoints, the budget) reads this time, so no two ranks decide
+        differently."""
+        seen = self.clock.peek()
+        self.elapsed, strongest = distributed.agree_max([seen, request])
+        self.clock.advance(self.elapsed - seen)
+        return Request(int(strongest))
 
     @contextlib.contextmanager
     def off_clock(self):
-        """Work between steps, off the training clock, with the data workers held back (see Gate). The gate
-        reopens whatever the work raises: workers left waiting at it would hold up the exit."""
+        """Work between steps, off the training clock, with the data workers held back (see Gate). Every rank
+        restarts its clock when all are done (agree() waits for them): the main process's own work (records,
+        diagnostics) is no rank's training time. The gate reopens whatever the work raises: workers left
+        waiting at it would hold up the exit."""
         if self.gate:
             self.gate.close()
         self.clock.stop()
         try:
             yield
+            self.agree()
         finally:
             self.clock.start()
             if self.gate:
@@ -722,16 +748,16 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     step_fn = training.prepare(batch)
     clock = training.clock
 
+    def due(every_n_steps: Optional[int]) -> bool:
+        return bool(every_n_steps) and state.step % every_n_steps == 0
+
     if state.last_eval_step is None:
         training.evaluate()  # the starting point of every curve: step 0, time 0
-    if state.next_eval_s is None:
-        state.next_eval_s = training.after(t.eval_every_s)
+    elif state.last_eval_step != state.step and (due(t.eval_every_steps) or training.elapsed >= state.next_eval_s):
+        training.evaluate()  # due when a preemption stopped the run, which skips it: made now, as if never stopped
     if state.next_checkpoint_s is None:
         state.next_checkpoint_s = training.after(t.checkpoint_every_s)
     max_steps, max_time = t.max_steps or math.inf, t.max_time_s or math.inf
-
-    def due(every_n_steps: Optional[int]) -> bool:
-        return bool(every_n_steps) and state.step % every_n_steps == 0
 
     request = Request.NONE
     with progress_bar(show_progress and distributed.is_main()) as bar, StopRequests() as stop:
@@ -739,7 +765,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                             mfu="", val_acc=f"{record.rows[-1]['val_acc']:.4f}" if record.rows else "-")
         model.train()
         clock.start()
-        while state.step < max_steps and clock.peek() < max_time:
+        while state.step < max_steps and training.elapsed < max_time:
             if batch is None:
                 waited = time.perf_counter()
                 batch = to_device(next(stream), device)
@@ -752,10 +778,10 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
             state.samples_seen += sel.scored * world
             state.samples_backpropagated += sel.kept * world
             kill_point("step", state.step)
-            elapsed, strongest = distributed.agree_max([clock.peek(), stop.request])
-            request = Request(int(strongest))
+            request = training.agree(stop.request)
+            elapsed = training.elapsed
             if distributed.is_main():
-                checkpointer.write_clock(state.step, elapsed)
+                checkpointer.write_clock(state.step, elapsed, state.lost_time_s, state.restarts)
                 bar.update(task, completed=elapsed if t.max_time_s else state.step, step=state.step,
                            rate=state.samples_seen / max(elapsed, 1e-9))
             if request != Request.NONE or state.step >= max_steps or elapsed >= max_time:
@@ -766,13 +792,11 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
             if due(t.eval_every_steps) or elapsed >= state.next_eval_s:
                 with training.off_clock():
                     row = training.evaluate()
-                    state.next_eval_s = training.after(t.eval_every_s)
                     bar.update(task, val_acc=f"{row['val_acc']:.4f}",
                                mfu=f"MFU {row['mfu']:.0%}" if "mfu" in row else
                                (f"{row['tflops']:.2f} TFLOP/s" if "tflops" in row else ""))
             if due(t.checkpoint_every_steps) or elapsed >= state.next_checkpoint_s:
                 with training.off_clock():
-                    state.next_checkpoint_s = training.after(t.checkpoint_every_s)
                     training.checkpoint()
         clock.stop()
         if gate:

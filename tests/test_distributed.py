@@ -7,6 +7,7 @@ batch reproduce 1 process up to floating-point summation order.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -27,9 +28,18 @@ CURVE_KEYS = ("val_loss", "val_acc", "train_loss", "samples_seen", "samples_back
 def torchrun(*args: str, script=None, launcher=(), timeout: int = 240) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node 2 -m sift_cli.train ARGS` (or a script), as a user types it."""
     target = [str(script)] if script else ["-m", "sift_cli.train"]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *launcher, *target, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launcher,
+               *target, *args]
+    # a session of its own: a run that hangs past the timeout is killed with its workers, not only torchrun
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def assert_same_curves(rows: list[dict], reference: list[dict]) -> None:
@@ -119,6 +129,50 @@ def test_local_selection_backpropagates_ceil_frac_of_each_share_on_every_rank(co
     assert summary["samples_scored_per_step"] == 8 and summary["world_size"] == 2
 
 
+TIMED = """
+import atexit, json, os
+from sift_cli.trainer import Training
+from sift_cli.train import main
+
+seen = {"lr": [], "evaluations": [], "checkpoints": []}
+
+def logged(name, record):
+    def wrapped(self, *args, _call=getattr(Training, name), **kwargs):
+        out = _call(self, *args, **kwargs)
+        seen[record].append([self.state.step, self.optimizer.param_groups[0]["lr"]] if record == "lr" else
+                            self.state.step)
+        return out
+    setattr(Training, name, wrapped)
+
+for name, record in (("set_lr", "lr"), ("evaluate", "evaluations"), ("checkpoint", "checkpoints")):
+    logged(name, record)
+atexit.register(lambda: open(os.environ["SEEN_LOG"] + os.environ["RANK"], "w").write(json.dumps(seen)))
+main()
+"""
+
+
+def test_time_budgets_and_schedules_are_one_decision_for_every_rank(corpus_file, tmp_path, monkeypatch):
+    """Evaluations, checkpoints and the learning rate by the training clock, while rank 0 alone does work off
+    it (diagnostics every step): each rank's clock differs, but every decision is taken on one agreed time.
+    Were it not, one rank would evaluate while the other trained (a hang), the replicas would step with
+    different rates, and the waiting ranks' clocks would spend the budget on rank 0's diagnostics."""
+    script = tmp_path / "timed.py"
+    script.write_text(TIMED)
+    monkeypatch.setenv("SEEN_LOG", str(tmp_path / "seen"))
+    timed = ["trainer.max_steps=null", "trainer.max_time_s=4", "trainer.eval_every_steps=null",
+             "trainer.eval_every_s=0.3", "trainer.checkpoint_every_s=0.7", "trainer.schedule_unit=time",
+             "trainer.scheduler=linear", "trainer.warmup=0.5", "diagnostics.every_n_steps=1"]
+    out = torchrun(*tiny_overrides(corpus_file, "frac=0.5", *timed), f"hydra.run.dir={tmp_path / 'run'}",
+                   script=script, timeout=150)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"seen{rank}").read_text()) for rank in (0, 1))
+    assert rank0 == rank1  # the same rate at every step, the same evaluation and checkpoint steps
+    assert len(rank0["evaluations"]) >= 5 and len(rank0["checkpoints"]) >= 3
+    assert len({lr for _, lr in rank0["lr"]}) > 10  # the rate did change with the clock
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_time_s"] >= 4  # the whole budget trained: rank 0's diagnostics were no one's time
+
+
 def test_a_run_checkpointed_by_one_process_resumes_on_two(corpus_file, tmp_path, single):
     overrides = tiny_overrides(corpus_file, NO_DROPOUT, "frac=0.5", GLOBAL)
     first = [o for o in overrides if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=3"]
@@ -137,6 +191,8 @@ def test_a_run_checkpointed_by_one_process_resumes_on_two(corpus_file, tmp_path,
     (["trainer.batch_size=7"], "trainer.batch_size=7 must be divisible by the 2 processes"),  # by every rank
     # an empty folder: only rank 0 reads it and finds no checkpoint
     (["trainer.resume=NOWHERE"], "trainer.resume=NOWHERE is not a valid checkpoint folder"),
+    # one validation sequence: rank 1's shard is empty, and rank 0, which has one, stops too
+    (["data.max_val_samples=1"], "the validation set has too few samples to give each of 2 processes one"),
 ])
 def test_bad_input_under_torchrun_ends_every_rank_with_the_one_line(args, message, corpus_file, tmp_path):
     nowhere, logs = str(tmp_path / "nowhere"), tmp_path / "logs"

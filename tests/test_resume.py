@@ -8,7 +8,6 @@ uninterrupted run's, tensor for tensor and value for value, wall-clock fields as
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
@@ -121,8 +120,8 @@ def left_behind(run_dir: Path, point: str, step: int) -> None:
         assert (preempted["status"], preempted["stop_signal"], preempted["steps"]) == \
             ("preempted", signal.Signals[point], step)
         assert newest_checkpoint(run_dir).name == f"step-{step:09d}"
-        # no evaluation off the schedule: the resumed run's rows are those of a run never stopped
-        assert [r["step"] for r in read_metrics(run_dir)] == list(range(0, step + 1, 2))
+        # no evaluation off the schedule, nor the one due at this step: the resumed run makes that one
+        assert [r["step"] for r in read_metrics(run_dir)] == list(range(0, step, 2))
     else:
         assert not (run_dir / f"checkpoints/step-{step:09d}").exists()
         # killed: summary.json is the one written at the last evaluation, and sift-compare reads the run so far
@@ -163,8 +162,11 @@ def interrupt_and_resume(run_dir: Path, args: list[str], interruptions: list[str
     # batch norm and two DataLoader workers; the signal reaches the workers too, as SLURM sends it; then a kill
     ("resnet", ["SIGTERM:3", "step:5"]),
     ("fp16", ["step:5"]),  # the loss scale's state goes on: a fresh scaler would have counted 2 steps, not 6
+    ("sift", ["SIGUSR1:4"]),  # the evaluation due at step 4 is made when the run resumes, as if never stopped
+    ("sift", ["step:3", "step:3"]),  # the second process dies before a checkpoint: the first's toll still counts
 ], ids=["random-killed-before-rename", "vanilla-killed-before-any-checkpoint-then-mid-metrics-line",
-        "resnet-workers-preempted-then-killed", "fp16-killed-after-a-checkpoint"])
+        "resnet-workers-preempted-then-killed", "fp16-killed-after-a-checkpoint", "sift-preempted-at-an-evaluation",
+        "sift-killed-twice-between-two-checkpoints"])
 def test_interrupted_and_resumed_run_is_bit_identical(arm, interruptions, reference, corpus_file, tmp_path):
     interrupt_and_resume(tmp_path, overrides(arm, corpus_file), interruptions)
     assert_same_run(reference(arm), tmp_path)
@@ -184,16 +186,32 @@ def test_corrupt_newest_checkpoint_warns_and_falls_back_to_the_one_before(refere
     assert_same_run(reference("sift"), folder)
 
 
+def test_a_kill_between_the_renames_of_a_replacing_checkpoint_resumes_from_its_step(reference, corpus_file,
+                                                                                    tmp_path):
+    # a second checkpoint at a step moves the first aside, then renames itself in: killed between the two, the
+    # folder holds neither under its name. The one moved aside is put back before the newest is chosen
+    folder = copy_run(reference("sift"), tmp_path / "run")
+    (folder / "summary.json").unlink()
+    newest = newest_checkpoint(folder)
+    shutil.copytree(newest, newest.parent / f".tmp-{newest.name}-2")
+    newest.rename(newest.parent / f".old-{newest.name}-1")
+    out = train(folder, overrides("sift", corpus_file))
+    assert out.returncode == 0, out.stderr
+    assert "resuming sift-loss-k1-f0.5-s0 from step 6" in out.stdout
+    assert not leftovers(folder)
+    assert_same_run(reference("sift"), folder)
+
+
 def test_a_failed_checkpoint_write_warns_and_training_goes_on(corpus_file, tmp_path, monkeypatch):
     real_save = torch.save
 
     def disk_full_at_step_4(obj, path, *args, **kwargs):
-        if ".tmp-step-000000004-" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if ".tmp-step-000000004-" in str(path):  # a full disk, as torch.save meets it: /dev/full fails every write
+            return real_save(obj, "/dev/full", *args, **kwargs)
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full_at_step_4)
-    with pytest.warns(UserWarning, match=r"checkpoint at step 4 not written \(\[Errno 28\] No space left on device\)"):
+    with pytest.warns(UserWarning, match=r"checkpoint at step 4 not written \(writing model.pt failed: "):
         done = run(make_config(overrides("sift", corpus_file)), tmp_path)
     assert done["status"] == "completed" and done["steps"] == 6
     assert sorted(p.name for p in tmp_path.glob("checkpoints/step-*")) == ["step-000000002", "step-000000006"]

@@ -143,11 +143,12 @@ class ImageData:
                 images.append(self.train[source][0])
         return collate(images, self.labels[indices], self.mean, self.std)
 
-    def val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> list[dict[str, Tensor]]:
-        """Rank `rank`'s share of the validation images (every world-th one), fixed, in batches."""
-        loader = DataLoader(self.val.shard(rank, world), batch_size, num_workers=self.num_workers,
-                            collate_fn=functools.partial(collate_samples, mean=self.mean, std=self.std))
-        return list(loader)
+    def val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> DataLoader:
+        """Rank `rank`'s share of the validation images (every world-th one), fixed, in batches, read anew at
+        each evaluation: a large folder's validation images (ImageNet's: 30 GB at 224 px) fit in no memory."""
+        return DataLoader(self.val.shard(rank, world), batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0,
+                          collate_fn=functools.partial(collate_samples, mean=self.mean, std=self.std))
 
     def describe(self) -> str:
         size, dup, noisy = self.model_args["image_size"], len(self.known.duplicated), len(self.known.noisy)
