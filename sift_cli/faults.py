@@ -8,7 +8,8 @@ written).
 
 `SIFT_TEST_SIGNAL=<SIGNAME>:<step>` sends the signal after that training step to the whole process
 group, as SLURM's preemption signal or a terminal's Ctrl-C reaches the run and its data workers;
-`SIFT_TEST_SIGNAL=<SIGNAME>:<point>:<step>` at another point (`data`: before the data is built).
+`SIFT_TEST_SIGNAL=<SIGNAME>:<point>:<step>` at another point (`checks`, step 0: before the config is
+checked; `data`: before the data is built).
 Start such a run in a session of its own (`start_new_session=True`): the group is then the run.
 """
 

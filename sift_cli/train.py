@@ -34,7 +34,7 @@ from sift_cli.config import (ConfigError, check_exit_layer, check_positions, che
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
 from sift_cli.records import COMPLETED, DIAGNOSTICS, METRICS, SUMMARY, Recorder, write_atomic
-from sift_cli.trainer import fit
+from sift_cli.trainer import catch_early_interrupts, check_interrupted, fit
 
 log = logging.getLogger("sift_cli")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -151,9 +151,11 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     torch.manual_seed(cfg.seed)
     kill_point("data", 0)
     data = build(cfg.data)
+    check_interrupted()
     model_name = choice_name(cfg, choices, "model")
     check_task(get_class(cfg.model._target_), data.task, model_name, choice_name(cfg, choices, "data"))
     model = build(cfg.model, "model", **data.model_args).to(device)
+    check_interrupted()
     check_exit_layer(cfg.exit_layer, model.depth, model_name)
     check_positions(cfg.data.get("seq_len"), getattr(model, "max_length", None))  # a checkpoint's own limit
     arm = method(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth)
@@ -373,13 +375,22 @@ def main() -> None:
         print(f"sift-train {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})")
         return
     warnings.formatwarning = warning_line
+    catch_early_interrupts()
     try:
+        kill_point("checks", 0)
         precheck(sys.argv[1:])
+        check_interrupted()
         _agree_on_folders()  # only after every check: a bad value never waits for the other processes
     except ConfigError as err:
         fail(err)
+    except KeyboardInterrupt:
+        print("sift-train: interrupted before any run began; nothing was written", file=sys.stderr)
+        sys.exit(130)
     try:
         hydra_main()
+    except KeyboardInterrupt:  # in Hydra's own work around a run (composing, making its folder)
+        print("sift-train: interrupted while Hydra prepared a run; finished runs keep their records", file=sys.stderr)
+        sys.exit(130)
     finally:
         distributed.shutdown()
 

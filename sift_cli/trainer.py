@@ -448,6 +448,27 @@ def progress_bar(enabled: bool) -> Progress:
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_interrupted = False  # a Ctrl-C before training, noted in case the KeyboardInterrupt raised for it is swallowed
+
+
+def _interrupt(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def catch_early_interrupts() -> None:
+    """Ctrl-C before training (the checks, reading data, building the model, compiling) stops the run at once.
+    Python raises KeyboardInterrupt wherever the main thread is, and there a finalizer or a library's broad
+    `except` can swallow it, and the run would go on; so the handler also notes it, and check_interrupted()
+    acts on the note between those phases."""
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        signal.signal(signal.SIGINT, _interrupt)
+
+
+def check_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 class Request(enum.IntEnum):
@@ -477,6 +498,7 @@ class StopRequests:
         self.signum = self.signum or signum
 
     def __enter__(self):
+        check_interrupted()  # a Ctrl-C swallowed while the step compiled
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for s in (signal.SIGINT, *PREEMPTION_SIGNALS):
                 self._previous[s] = signal.signal(s, self._handle)

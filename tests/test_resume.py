@@ -14,6 +14,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -310,6 +311,42 @@ def test_ctrl_c_before_training_is_one_line_and_stops_the_sweep(corpus_file, tmp
                                                    "written before (a checkpoint only if training had reached one)")
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "0" / "summary.json").exists() and not (tmp_path / "1").exists()
+
+
+def test_ctrl_c_while_the_config_is_checked_is_one_line(corpus_file, tmp_path):
+    out = train(tmp_path, overrides("sift", corpus_file), SIFT_TEST_SIGNAL="SIGINT:checks:0")
+    assert out.returncode == 130 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["sift-train: interrupted before any run began; nothing was written"]
+
+
+SWALLOWED = """
+import os, signal, time
+import sift_cli.train as train
+
+real_build = train.build
+
+def build_after_a_swallowed_ctrl_c(*args, **kwargs):
+    try:  # Ctrl-C lands where a finalizer, or a library's broad except, swallows the KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        pass
+    return real_build(*args, **kwargs)
+
+train.build = build_after_a_swallowed_ctrl_c
+train.main()
+"""
+
+
+def test_a_ctrl_c_swallowed_before_training_still_stops_the_run(corpus_file, tmp_path):
+    script = tmp_path / "swallowed.py"
+    script.write_text(SWALLOWED)
+    out = subprocess.run([sys.executable, str(script), *overrides("sift", corpus_file),
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
+                         start_new_session=True)
+    assert out.returncode == 130 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("sift-train: interrupted; ")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # it never trained
 
 
 def test_default_run_folder_names_do_not_collide(monkeypatch):
