@@ -1,5 +1,6 @@
 # make run: environment + install + a first comparison (SIFT, the random control and vanilla, one seed each,
-# offline, under 3 min on 2 CPU cores after the install): it shows the tool working, not a result
+# offline, about 2 min on 2 CPU cores after the install; passive OpenMP threads, as the benchmarks, since
+# spinning ones cost up to 10x on a shared CPU): it shows the tool working, not a result
 # make test: environment + install + the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(VENV)/bin/sift-train --multirun arm=sift,random,vanilla trainer.max_time_s=35 trainer.eval_every_s=5 \
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/sift-train --multirun arm=sift,random,vanilla trainer.max_time_s=35 trainer.eval_every_s=5 \
 		hydra.sweep.dir=$(SWEEP)
 	$(VENV)/bin/sift-compare $(SWEEP)
 	@echo

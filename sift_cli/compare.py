@@ -52,6 +52,7 @@ KNOWN_ANSWER = ("data.duplicate_fraction", "data.duplicate_pool", "data.noise_fr
 COMPLETED = "completed"
 TARGET_SHARES = (0.90, 0.95, 0.99)  # default targets: shares of vanilla's best mean accuracy
 SIGNIFICANCE = 2.0  # a speedup counts when speedup ± SIGNIFICANCE std leaves out 1
+UNEVEN_STEPS = 0.25  # std/mean of an arm's ms/step over seeds above which its runs met different machines
 PIPED_WIDTH = 240  # piped output gets the width a table needs, not rich's default of 80 columns
 DIAGNOSTIC_KEY = re.compile(r"(spearman|overlap)_k(\d+)")
 
@@ -417,6 +418,11 @@ def caption_lines(groups: list[Group], rows: list[dict], targets_note: list[str]
         lines.append(f"1 seed: no spread, not a result: {', '.join(single)}")
     if any(r["incomplete"] for r in rows):
         lines.append("runs that did not complete are included (--include-incomplete); seeds says how many")
+    uneven = [f"{r['arm']} ({r['ms_per_step_std'] / r['ms_per_step_mean']:.0%})" for r in rows
+              if r["ms_per_step_std"] and r["ms_per_step_std"] > UNEVEN_STEPS * r["ms_per_step_mean"]]
+    if uneven:  # the same step, timed differently: the machine changed under the runs, not the method
+        lines.append(f"uneven: ms/step varies between seeds (std/mean) of {', '.join(uneven)}: the machine's load "
+                     f"or clock changed between runs, and their times compare the machine too")
     passes = [run.summary["data_passes"] for g in groups for run in g.runs if "data_passes" in run.summary]
     if passes:  # a pre-training comparison reads its corpus about once; many passes measure memorisation
         lines.append(f"data: the runs read their training data {min(passes):,.1f} to {max(passes):,.1f} times "

@@ -313,6 +313,19 @@ def test_the_caption_says_how_many_times_the_runs_read_their_data(tmp_path, caps
     assert "data: the runs read their training data 2.8 to 110.3 times (data_passes)" in " ".join(out.split())
 
 
+def test_the_caption_names_an_arm_whose_steps_were_timed_unevenly(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root / "v0", [0.1, 0.5, 0.8], [0.0, 1.0, 2.0])
+    write_run(root / "v1", [0.1, 0.5, 0.8], [0.0, 3.0, 6.0], seed=1)  # the same 20 steps, three times slower
+    for seed in (0, 1):
+        sift(root / f"s{seed}", [0.1, 0.6, 0.9], [0.0, 1.0, 2.1 + seed / 10], seed=seed)
+    code, out, err = sift_compare(capsys, root, "--target", 0.5, "--out", tmp_path)
+    assert code == 0, err
+    caption = " ".join(out.split())
+    assert "uneven: ms/step varies between seeds (std/mean) of vanilla (71%): the machine's load" in caption
+    assert "sift-loss" not in caption.split("uneven:")[1]  # 5% apart: one machine's noise
+
+
 def test_the_table_reads_at_80_columns(tmp_path):
     """Arms with long names, three targets and two settings: parts of one line per arm, nothing cut."""
     root = tmp_path / "runs"
