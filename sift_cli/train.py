@@ -261,6 +261,9 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     except ConfigError as err:
         fail(err)
     except Stopped as stopped:
+        if stopped.status == "interrupted" and distributed.is_main():  # a default folder's name is new each time
+            folder = f"hydra.sweep.dir={hc.sweep.dir}" if multirun else f"hydra.run.dir={hc.runtime.output_dir}"
+            print(f"sift-train: to train on from its checkpoint, rerun the same command with {folder}", file=sys.stderr)
         stopped.exit()
     except KeyboardInterrupt:  # Ctrl-C before training began (reading data, compiling), or a second one
         print(f"sift-train: interrupted; {hc.runtime.output_dir} keeps what was written before (a checkpoint "

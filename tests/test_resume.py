@@ -302,6 +302,8 @@ def test_ctrl_c_stops_the_sweep_after_recording_the_current_job(corpus_file, tmp
     assert [r["step"] for r in read_metrics(tmp_path / "0")] == [0, 2, 3]  # Ctrl-C evaluates before it stops
     assert newest_checkpoint(tmp_path / "0").name == "step-000000003"
     assert not (tmp_path / "1").exists()  # the next job never started
+    assert out.stderr.strip().splitlines()[-1] == ("sift-train: to train on from its checkpoint, rerun the same "
+                                                   f"command with hydra.sweep.dir={tmp_path}")
 
 
 def test_ctrl_c_before_training_is_one_line_and_stops_the_sweep(corpus_file, tmp_path):
