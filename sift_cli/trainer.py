@@ -773,6 +773,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     def due(every_n_steps: Optional[int]) -> bool:
         return bool(every_n_steps) and state.step % every_n_steps == 0
 
+    training.set_lr()  # the first step's rate, which the row of an evaluation before it shows
     if state.last_eval_step is None:
         training.evaluate()  # the starting point of every curve: step 0, time 0
     elif state.last_eval_step != state.step and (due(t.eval_every_steps) or training.elapsed >= state.next_eval_s):
@@ -785,6 +786,11 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     with progress_bar(show_progress and distributed.is_main()) as bar, StopRequests() as stop:
         task = bar.add_task("train", total=max_time if t.max_time_s else max_steps, step=state.step, rate=0.0,
                             mfu="", val_acc=f"{record.rows[-1]['val_acc']:.4f}" if record.rows else "-")
+
+        def show(row: dict) -> None:
+            bar.update(task, val_acc=f"{row['val_acc']:.4f}", mfu=f"MFU {row['mfu']:.0%}" if "mfu" in row else
+                       (f"{row['tflops']:.2f} TFLOP/s" if "tflops" in row else ""))
+
         model.train()
         clock.start()
         while state.step < max_steps and training.elapsed < max_time:
@@ -813,10 +819,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                     training.diagnose()
             if due(t.eval_every_steps) or elapsed >= state.next_eval_s:
                 with training.off_clock():
-                    row = training.evaluate()
-                    bar.update(task, val_acc=f"{row['val_acc']:.4f}",
-                               mfu=f"MFU {row['mfu']:.0%}" if "mfu" in row else
-                               (f"{row['tflops']:.2f} TFLOP/s" if "tflops" in row else ""))
+                    show(training.evaluate())
             if due(t.checkpoint_every_steps) or elapsed >= state.next_checkpoint_s:
                 with training.off_clock():
                     training.checkpoint()
@@ -827,7 +830,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         # preempted: only the checkpoint, within the scheduler's grace period, and no evaluation off the
         # schedule, so the resumed run's rows are those of a run never stopped
         if state.last_eval_step != state.step and request != Request.PREEMPT:
-            training.evaluate()
+            show(training.evaluate())
         training.checkpoint()  # at the end and on any stop
     if step_fn.compiled:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
         torch.compiler.reset()

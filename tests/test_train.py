@@ -40,7 +40,9 @@ def test_sift_run_records_monotone_time_and_backpropagates_ceil_frac_b(corpus_fi
     assert [r["samples_backpropagated"] for r in rows] == [0, 9, 18]
     assert [r["samples_seen"] for r in rows] == [0, 24, 48]
     for r in rows:
-        assert 0 <= r["val_acc"] <= 1 and r["val_loss"] > 0 and "lr" in r
+        assert 0 <= r["val_acc"] <= 1 and r["val_loss"] > 0
+    # the rate of the last step before each evaluation, at step 0 the first step's: the warm-up (2 steps) at 0
+    assert [r["lr"] for r in rows] == [0.0, 1e-3, 1e-3]
     assert rows[1]["score_kept"] >= rows[1]["score_dropped"]  # top-k keeps the highest scores
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["method"] == "sift-loss" and on_disk["run_name"] == "sift-loss-k1-f0.3-s0"
