@@ -143,7 +143,7 @@ class NoCheckpoints:
     def save(self, *args) -> None:
         pass
 
-    def write_clock(self, *args) -> None:
+    def write_clock(self, *args, **kwargs) -> None:
         pass
 
     def clock(self) -> None:
