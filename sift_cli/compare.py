@@ -283,7 +283,9 @@ def default_targets(groups: list[Group]) -> tuple[list[float], list[str]]:
     # floored to 4 decimals: a printed target never exceeds the accuracy it was derived from
     shares = sorted({math.floor(best * share * 1e4) / 1e4 for share in TARGET_SHARES})
     whose = "vanilla's" if vanilla else "the best group's (no vanilla runs)"
-    lines = [f"targets: {', '.join(f'{s:.0%}' for s in TARGET_SHARES)} of {whose} best mean accuracy {best:.4f}"]
+    lines = [f"targets: {', '.join(f'{s:.0%}' for s in TARGET_SHARES)} of {whose} best mean accuracy {best:.4f}"
+             + (f", at 4 decimals only {', '.join(f'{t:g}' for t in shares)}" if len(shares) < len(TARGET_SHARES)
+                else "")]
     if dropped := [t for t in shares if t <= start]:
         lines.append(f"dropped {', '.join(f'{t:g}' for t in dropped)}: not above {start:.4f}, the highest "
                      f"accuracy of any run at its first evaluation; give --target to choose")

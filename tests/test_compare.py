@@ -212,6 +212,15 @@ def test_default_targets_lie_above_every_first_evaluation(tmp_path, capsys):
     assert "0.8000" in out and "dropped 0.72: not above 0.7400" in out and "0.7400" in out
 
 
+def test_default_targets_that_round_to_one_value_say_so(tmp_path, capsys):
+    for seed in (0, 1):  # an untrained smoke run: 90, 95 and 99% of 0.0004 are all 0.0003 at 4 decimals
+        write_run(tmp_path / f"runs/{seed}", [0.0004, 0.0004], seed=seed)
+    code, out, err = sift_compare(capsys, tmp_path / "runs", "--out", tmp_path)
+    assert code == 0, err
+    caption = " ".join(out.split())
+    assert "best mean accuracy 0.0004, at 4 decimals only 0.0003 dropped 0.0003: not above 0.0004" in caption
+
+
 def test_interrupted_runs_are_left_out_unless_asked(tmp_path, capsys):
     root = tmp_path / "runs"
     for seed in (0, 1, 2):
