@@ -185,6 +185,7 @@ def test_cli_help_and_cfg_show_groups_and_the_composed_config():
     help_text = sift_train("--help").stdout
     for group in ("model", "data", "trainer", "logger", "experiment", "debug"):
         assert f"{group}:" in help_text
+    assert "hydra/launcher=slurm" in help_text  # a group of Hydra's own, which Hydra's list leaves out
     job = sift_train("--cfg", "job", "model=bert", "frac=0.25").stdout
     assert "num_layers: 12" in job and "frac: 0.25" in job
 
