@@ -10,7 +10,6 @@ import itertools
 import logging
 import math
 import multiprocessing
-import os
 import signal
 import sys
 import threading
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from sift_cli import distributed, records
 from sift_cli.checkpoint import Checkpointer
 from sift_cli.config import ConfigError, first_line, step_sizes
+from sift_cli.data import worker_signals
 from sift_cli.data.order import seed_of, seeded
 from sift_cli.faults import kill_point
 from sift_cli.hardware import count_flops, peak_flops, synchronize
@@ -169,25 +169,6 @@ class StepBatches(Dataset):
     def __getitem__(self, step: int) -> dict:
         with self.gate or contextlib.nullcontext():
             return self.data.train_batch(step, self.batch_size, self.seed, self.rank, self.world)
-
-
-def worker_signals(worker_id: int) -> None:
-    """A DataLoader worker leaves Ctrl-C and preemption signals to the main process, which stops it.
-
-    SLURM and a terminal signal the whole process group, and a worker ended by the signal makes torch
-    raise in the main process before it can checkpoint. So SIGINT, SIGUSR1 and SIGUSR2 are ignored, and
-    SIGTERM ends the worker only when the main process sends it (torch's fallback for a stuck worker,
-    multiprocessing's at exit); torch's own handler ends it whoever sends it."""
-    for s in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit it
-
-    def from_main_only():
-        while True:
-            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
-                os._exit(0)
-
-    threading.Thread(target=from_main_only, daemon=True).start()
 
 
 def batch_stream(data, batch_size: int, seed: int, start: int, device: torch.device,

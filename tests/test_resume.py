@@ -306,6 +306,15 @@ def test_ctrl_c_stops_the_sweep_after_recording_the_current_job(corpus_file, tmp
                                                    f"command with hydra.sweep.dir={tmp_path}")
 
 
+def test_ctrl_c_reaches_the_workers_too_and_the_evaluation_still_reads_through_them(tmp_path):
+    # a terminal signals the whole group: the validation images' own workers must leave it to the main process,
+    # which evaluates through them before it stops
+    out = train(tmp_path, overrides("resnet", Path()), SIFT_TEST_SIGNAL="SIGINT:3")
+    assert out.returncode == 130, out.stderr
+    assert summary(tmp_path)["status"] == "interrupted"
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 2, 3]
+
+
 def test_ctrl_c_before_training_is_one_line_and_stops_the_sweep(corpus_file, tmp_path):
     out = sweep(tmp_path, corpus_file, SIFT_TEST_SIGNAL="SIGINT:data:0")  # while the data would be read
     assert out.returncode == 130

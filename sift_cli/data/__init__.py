@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,6 +29,25 @@ def resolve_workers(num_workers: Union[int, str]) -> int:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"data.num_workers={num_workers} is not allowed; use auto or a whole number >= 0")
     return num_workers
+
+
+def worker_signals(worker_id: int) -> None:
+    """A DataLoader worker leaves Ctrl-C and preemption signals to the main process, which stops it.
+
+    SLURM and a terminal signal the whole process group, and a worker ended by the signal makes torch
+    raise in the main process before it can checkpoint. So SIGINT, SIGUSR1 and SIGUSR2 are ignored, and
+    SIGTERM ends the worker only when the main process sends it (torch's fallback for a stuck worker,
+    multiprocessing's at exit); torch's own handler ends it whoever sends it."""
+    for s in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit it
+
+    def from_main_only():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=from_main_only, daemon=True).start()
 
 
 def check_known_answer(duplicate_fraction: float, duplicate_pool: int, noise_fraction: float) -> None:

@@ -23,7 +23,7 @@ from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.transforms import v2
 
 from sift_cli.config import ConfigError, first_line
-from sift_cli.data import cache_root, make_known_answer, order, resolve_workers
+from sift_cli.data import cache_root, make_known_answer, order, resolve_workers, worker_signals
 
 CIFAR_FILES = "cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta"
 
@@ -146,8 +146,9 @@ class ImageData:
     def val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> DataLoader:
         """Rank `rank`'s share of the validation images (every world-th one), fixed, in batches, read anew at
         each evaluation: a large folder's validation images (ImageNet's: 30 GB at 224 px) fit in no memory."""
-        return DataLoader(self.val.shard(rank, world), batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0,
+        workers = self.num_workers
+        return DataLoader(self.val.shard(rank, world), batch_size, num_workers=workers, persistent_workers=workers > 0,
+                          worker_init_fn=worker_signals if workers else None,
                           collate_fn=functools.partial(collate_samples, mean=self.mean, std=self.std))
 
     def describe(self) -> str:
