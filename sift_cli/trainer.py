@@ -793,11 +793,11 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                 checkpointer.write_clock(state.step, elapsed, state.lost_time_s, state.restarts)
                 bar.update(task, completed=elapsed if t.max_time_s else state.step, step=state.step,
                            rate=state.samples_seen / max(elapsed, 1e-9))
-            if request != Request.NONE or state.step >= max_steps or elapsed >= max_time:
-                break
-            if due(cfg.diagnostics.every_n_steps):
+            if request == Request.NONE and due(cfg.diagnostics.every_n_steps):  # the last step's too
                 with training.off_clock():
                     training.diagnose()
+            if request != Request.NONE or state.step >= max_steps or elapsed >= max_time:
+                break
             if due(t.eval_every_steps) or elapsed >= state.next_eval_s:
                 with training.off_clock():
                     show(training.evaluate())

@@ -92,7 +92,7 @@ def test_exact_arm_and_diagnostics(corpus_file, tmp_path):
     summary = run(make_config(tiny_overrides(corpus_file, "exit_layer=2", "diagnostics.every_n_steps=2")), tmp_path)
     assert summary["method"] == "exact"
     diag = [json.loads(line) for line in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
-    assert [d["step"] for d in diag] == [2, 4]
+    assert [d["step"] for d in diag] == [2, 4, 6]  # the last step's too
     for d in diag:
         assert d["spearman_k2"] == pytest.approx(1.0) and d["overlap_k2"] == 1.0  # layer L is exact
         assert -1 <= d["spearman_k1"] <= 1 and 0 <= d["overlap_k1"] <= 1
