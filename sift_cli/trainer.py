@@ -582,6 +582,7 @@ class Training:
         self.autocast = autocast_for(t.precision, device)
         self.clock, self.wall_start = Clock(device, self.state.train_time_s), time.perf_counter()
         self.elapsed = self.state.train_time_s  # the training time every rank agrees on: agree() keeps it
+        self.request = Request.NONE  # the strongest stop request every rank has seen: agree() keeps it
         self.horizon = {"steps": t.max_steps, "time": t.max_time_s,
                         "samples": t.max_steps * t.batch_size if t.max_steps else None}[t.schedule_unit]
         self.step_fn: Optional[Step] = None  # prepare() sets it
@@ -639,6 +640,7 @@ class Training:
     def evaluate(self) -> dict:
         """Validate, record a row with the window's training figures, and start a new window."""
         state = self.state
+        kill_point("evaluation", state.step)
         self.settle_window()
         losses = [loss for loss, _ in state.window]
         row = {"step": state.step, "train_time_s": self.clock.total, "wall_time_s": self.wall_time(),
@@ -684,28 +686,28 @@ class Training:
         """The training time at which a task due every `every_s` training seconds falls due next."""
         return self.elapsed + (every_s or math.inf)
 
-    def agree(self, request: Request = Request.NONE) -> Request:
+    def agree(self, stop: StopRequests) -> None:
         """One training time and one stop request for every rank, after each step and each pause: the slowest
-        rank's clock (every rank's clock moves on to it) and the strongest request. Whatever depends on time
-        (the learning rate, evaluations, checkpoints, the budget) reads this time, so no two ranks decide
-        differently."""
-        seen = self.clock.peek()
-        self.elapsed, strongest = distributed.agree_max([seen, request])
-        self.clock.advance(self.elapsed - seen)
-        return Request(int(strongest))
+        rank's clock (every rank's clock moves on to it) and the strongest request so far. Whatever depends on
+        time (the learning rate, evaluations, checkpoints, the budget) reads this time, and whatever a request
+        stops, it stops on every rank: no two ranks decide differently."""
+        self.elapsed, strongest = distributed.agree_max([self.clock.peek(), stop.request])
+        # a running clock has already counted the wait for the slowest rank: add only what it still lacks
+        self.clock.advance(max(0.0, self.elapsed - self.clock.peek()))
+        self.request = max(self.request, Request(int(strongest)))
 
     @contextlib.contextmanager
-    def off_clock(self):
+    def off_clock(self, stop: StopRequests):
         """Work between steps, off the training clock, with the data workers held back (see Gate). Every rank
-        restarts its clock when all are done (agree() waits for them): the main process's own work (records,
-        diagnostics) is no rank's training time. The gate reopens whatever the work raises: workers left
-        waiting at it would hold up the exit."""
+        restarts its clock when all are done (agree() waits for them, and takes a stop asked for meanwhile):
+        the main process's own work (records, diagnostics) is no rank's training time. The gate reopens
+        whatever the work raises: workers left waiting at it would hold up the exit."""
         if self.gate:
             self.gate.close()
         self.clock.stop()
         try:
             yield
-            self.agree()
+            self.agree(stop)
         finally:
             self.clock.start()
             if self.gate:
@@ -754,16 +756,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     def due(every_n_steps: Optional[int]) -> bool:
         return bool(every_n_steps) and state.step % every_n_steps == 0
 
-    training.set_lr()  # the first step's rate, which the row of an evaluation before it shows
-    if state.last_eval_step is None:
-        training.evaluate()  # the starting point of every curve: step 0, time 0
-    elif state.last_eval_step != state.step and (due(t.eval_every_steps) or training.elapsed >= state.next_eval_s):
-        training.evaluate()  # due when a preemption stopped the run, which skips it: made now, as if never stopped
-    if state.next_checkpoint_s is None:
-        state.next_checkpoint_s = training.after(t.checkpoint_every_s)
     max_steps, max_time = t.max_steps or math.inf, t.max_time_s or math.inf
-
-    request = Request.NONE
     with progress_bar(show_progress and distributed.is_main()) as bar, StopRequests() as stop:
         task = bar.add_task("train", total=max_time if t.max_time_s else max_steps, step=state.step, rate=0.0,
                             mfu="", val_acc=f"{record.rows[-1]['val_acc']:.4f}" if record.rows else "-")
@@ -772,9 +765,18 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
             bar.update(task, val_acc=f"{row['val_acc']:.4f}", mfu=f"MFU {row['mfu']:.0%}" if "mfu" in row else
                        (f"{row['tflops']:.2f} TFLOP/s" if "tflops" in row else ""))
 
+        with training.off_clock(stop):
+            if state.last_eval_step is None:
+                training.set_lr()  # the first step's rate, which the step-0 row shows
+                training.evaluate()  # the starting point of every curve: step 0, time 0
+            elif state.last_eval_step != state.step and (due(t.eval_every_steps) or
+                                                         training.elapsed >= state.next_eval_s):
+                training.evaluate()  # one a preemption skipped: made now, as a run never stopped made it
+        if state.next_checkpoint_s is None:
+            state.next_checkpoint_s = training.after(t.checkpoint_every_s)
         model.train()
         clock.start()
-        while state.step < max_steps and training.elapsed < max_time:
+        while training.request == Request.NONE and state.step < max_steps and training.elapsed < max_time:
             if batch is None:
                 waited = time.perf_counter()
                 batch = to_device(next(stream), device)
@@ -787,22 +789,24 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
             state.samples_seen += sel.scored * world
             state.samples_backpropagated += sel.kept * world
             kill_point("step", state.step)
-            request = training.agree(stop.request)
+            training.agree(stop)
             elapsed = training.elapsed
             if distributed.is_main():
                 checkpointer.write_clock(state.step, elapsed, state.lost_time_s, state.restarts)
                 bar.update(task, completed=elapsed if t.max_time_s else state.step, step=state.step,
                            rate=state.samples_seen / max(elapsed, 1e-9))
-            if request == Request.NONE and due(cfg.diagnostics.every_n_steps):  # the last step's too
-                with training.off_clock():
+            if due(cfg.diagnostics.every_n_steps):  # the last step's and a stopped one's too: a probe is cheap
+                with training.off_clock(stop):
                     training.diagnose()
-            if request != Request.NONE or state.step >= max_steps or elapsed >= max_time:
+            if training.request != Request.NONE or state.step >= max_steps or elapsed >= max_time:
                 break
             if due(t.eval_every_steps) or elapsed >= state.next_eval_s:
-                with training.off_clock():
+                with training.off_clock(stop):
                     show(training.evaluate())
-            if due(t.checkpoint_every_steps) or elapsed >= state.next_checkpoint_s:
-                with training.off_clock():
+            # a stop asked for during the evaluation checkpoints once, after the loop
+            if training.request == Request.NONE and (due(t.checkpoint_every_steps) or
+                                                     elapsed >= state.next_checkpoint_s):
+                with training.off_clock(stop):
                     training.checkpoint()
         clock.stop()
         if gate:
@@ -810,10 +814,11 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         del stream
         # preempted: only the checkpoint, within the scheduler's grace period, and no evaluation off the
         # schedule, so the resumed run's rows are those of a run never stopped
-        if state.last_eval_step != state.step and request != Request.PREEMPT:
+        if state.last_eval_step != state.step and training.request != Request.PREEMPT:
             show(training.evaluate())
         training.checkpoint()  # at the end and on any stop
     if step_fn.compiled:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
         torch.compiler.reset()
-    status = {Request.NONE: records.COMPLETED, Request.INTERRUPT: "interrupted", Request.PREEMPT: "preempted"}[request]
+    status = {Request.NONE: records.COMPLETED, Request.INTERRUPT: "interrupted",
+              Request.PREEMPT: "preempted"}[training.request]
     return training.totals(status, stop.signum if status != records.COMPLETED else None)

@@ -25,12 +25,14 @@ from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.checkpoint import load_tensors, verify
 from sift_cli.compare import load_runs
 from sift_cli.config import ConfigError
-from sift_cli.records import Recorder, read_metrics
+from sift_cli.records import DIAGNOSTICS, METRICS, Recorder, read_metrics
 from sift_cli.train import STAMP, run, run_stamp
 
 SCHEDULE = ("trainer.max_steps=6", "trainer.eval_every_steps=2", "trainer.checkpoint_every_steps=2")
 ARMS = {"sift": ("frac=0.5",), "random": ("criterion=random",), "vanilla": ("frac=1.0",),
-        "fp16": ("frac=0.5", "trainer.precision=fp16")}
+        "fp16": ("frac=0.5", "trainer.precision=fp16"),
+        # a rate that changes at every step, and a diagnostics row at every evaluation
+        "sift-decay": ("frac=0.5", "trainer.scheduler=linear", "diagnostics.every_n_steps=2")}
 RESNET = ("model=resnet18", "data=digits", "data.image_size=8", "data.max_val_samples=32", "data.num_workers=2",
           "trainer.batch_size=8", "trainer.max_time_s=null", "trainer.eval_every_s=null", "trainer.eval_batch_size=16",
           "trainer.schedule_unit=steps", "trainer.warmup=2", "logger=none", *SCHEDULE)
@@ -74,8 +76,8 @@ def newest_checkpoint(run_dir: Path) -> Path:
     return max(run_dir.glob("checkpoints/step-*"))
 
 
-def comparable_rows(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in read_metrics(run_dir)]
+def comparable_rows(run_dir: Path, name: str = METRICS) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in read_metrics(run_dir, name)]
 
 
 def assert_same_run(expected: Path, actual: Path) -> None:
@@ -87,6 +89,8 @@ def assert_same_run(expected: Path, actual: Path) -> None:
     for name in names:
         torch.testing.assert_close(torch.load(b / name), torch.load(a / name), rtol=0, atol=0)
     assert comparable_rows(actual) == comparable_rows(expected)
+    if (expected / DIAGNOSTICS).exists():
+        assert comparable_rows(actual, DIAGNOSTICS) == comparable_rows(expected, DIAGNOSTICS)
 
 
 def summary(run_dir: Path) -> dict:
@@ -163,11 +167,13 @@ def interrupt_and_resume(run_dir: Path, args: list[str], interruptions: list[str
     # batch norm and two DataLoader workers; the signal reaches the workers too, as SLURM sends it; then a kill
     ("resnet", ["SIGTERM:3", "step:5"]),
     ("fp16", ["step:5"]),  # the loss scale's state goes on: a fresh scaler would have counted 2 steps, not 6
-    ("sift", ["SIGUSR1:4"]),  # the evaluation due at step 4 is made when the run resumes, as if never stopped
+    # the evaluation due at step 4 is made when the run resumes, as if never stopped (with the rate of step 4's
+    # update, not the next one's); the diagnostics of step 4 are made before it stops
+    ("sift-decay", ["SIGUSR1:4"]),
     ("sift", ["step:3", "step:3"]),  # the second process dies before a checkpoint: the first's toll still counts
 ], ids=["random-killed-before-rename", "vanilla-killed-before-any-checkpoint-then-mid-metrics-line",
-        "resnet-workers-preempted-then-killed", "fp16-killed-after-a-checkpoint", "sift-preempted-at-an-evaluation",
-        "sift-killed-twice-between-two-checkpoints"])
+        "resnet-workers-preempted-then-killed", "fp16-killed-after-a-checkpoint",
+        "sift-decaying-preempted-at-an-evaluation", "sift-killed-twice-between-two-checkpoints"])
 def test_interrupted_and_resumed_run_is_bit_identical(arm, interruptions, reference, corpus_file, tmp_path):
     interrupt_and_resume(tmp_path, overrides(arm, corpus_file), interruptions)
     assert_same_run(reference(arm), tmp_path)
@@ -304,6 +310,18 @@ def test_ctrl_c_stops_the_sweep_after_recording_the_current_job(corpus_file, tmp
     assert not (tmp_path / "1").exists()  # the next job never started
     assert out.stderr.strip().splitlines()[-1] == ("sift-train: to train on from its checkpoint, rerun the same "
                                                    f"command with hydra.sweep.dir={tmp_path}")
+
+
+def test_a_preemption_during_an_evaluation_stops_at_that_step(reference, tmp_path):
+    # a SIGTERM to the whole group while the validation images' workers read: they leave it to the main
+    # process, which finishes the evaluation, then checkpoints that step (not one step and a checkpoint later)
+    out = train(tmp_path, overrides("resnet", Path()), SIFT_TEST_SIGNAL="SIGTERM:evaluation:2")
+    assert out.returncode == -signal.SIGTERM, out.stderr
+    assert (summary(tmp_path)["status"], summary(tmp_path)["steps"]) == ("preempted", 2)
+    assert [p.name for p in tmp_path.glob("checkpoints/step-*")] == ["step-000000002"]
+    out = train(tmp_path, overrides("resnet", Path()))
+    assert out.returncode == 0, out.stderr
+    assert_same_run(reference("resnet"), tmp_path)
 
 
 def test_ctrl_c_reaches_the_workers_too_and_the_evaluation_still_reads_through_them(tmp_path):

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from conftest import make_config, sift_train, tiny_overrides
-from sift_cli import hardware, trainer
+from sift_cli import distributed, hardware, trainer
 from sift_cli.config import ConfigError
 from sift_cli.records import read_metrics
 from sift_cli.train import run
-from sift_cli.trainer import (Clock, Gate, Selection, Training, autocast_for, batch_stream, grad_scaler_for,
+from sift_cli.trainer import (Clock, Gate, Request, Selection, Training, autocast_for, batch_stream, grad_scaler_for,
                               lr_factor, train_step)
 
 
@@ -99,12 +99,34 @@ def test_the_gate_reopens_when_work_off_the_clock_fails():
     gate, clock = Gate(), Clock(torch.device("cpu"))
     clock.start()
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        with Training.off_clock(SimpleNamespace(gate=gate, clock=clock)):
+        with Training.off_clock(SimpleNamespace(gate=gate, clock=clock), stop=None):
             raise RuntimeError("evaluation failed")
     worker = threading.Thread(target=gate.__enter__, daemon=True)  # a worker about to make a batch
     worker.start()
     worker.join(timeout=10)
     assert not worker.is_alive()
+
+
+def test_agreeing_on_the_clock_counts_the_wait_for_the_slowest_rank_once(monkeypatch):
+    """After a step every rank's clock moves on to the slowest rank's. A running clock has counted the wait for
+    that rank already: counting it again would add every step's skew between the ranks to the training time."""
+    def other_rank_ahead_by(seconds):
+        def agree_max(values):
+            time.sleep(seconds)  # this rank waits for the other one
+            return [values[0] + seconds, *values[1:]]
+        return agree_max
+
+    no_stop = SimpleNamespace(request=Request.NONE)
+    running = Clock(torch.device("cpu"))
+    running.start()
+    me = SimpleNamespace(clock=running, request=Request.NONE)
+    monkeypatch.setattr(distributed, "agree_max", other_rank_ahead_by(0.2))
+    Training.agree(me, no_stop)
+    assert running.peek() == pytest.approx(me.elapsed, abs=0.05)
+    paused = Clock(torch.device("cpu"), total=1.0)  # in a pause: nothing runs while this rank waits
+    me = SimpleNamespace(clock=paused, request=Request.NONE)
+    Training.agree(me, SimpleNamespace(request=Request.PREEMPT))
+    assert paused.total == me.elapsed == pytest.approx(1.2) and me.request == Request.PREEMPT
 
 
 def test_trainer_compile_on_the_cpu_records_its_time_and_trains(corpus_file, tmp_path, caplog):
