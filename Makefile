@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/sift-train --multirun arm=sift,random,vanilla trainer.max_time_s=35 trainer.eval_every_s=5 \
-		hydra.sweep.dir=$(SWEEP)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VENV)/bin/sift-train --multirun arm=sift,random,vanilla \
+		trainer.max_time_s=35 trainer.eval_every_s=5 hydra.sweep.dir=$(SWEEP)
 	$(VENV)/bin/sift-compare $(SWEEP)
 	@echo
 	@echo "What this shows: each arm trained 35 s once, the tool end to end. With one seed per arm there is no"
