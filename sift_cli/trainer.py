@@ -817,6 +817,7 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
         if state.last_eval_step != state.step and training.request != Request.PREEMPT:
             show(training.evaluate())
         training.checkpoint()  # at the end and on any stop
+        training.agree(stop)  # a stop asked for during this last work: a sweep stops, a scheduler requeues
     if step_fn.compiled:  # a sweep runs its jobs in one process: free this run's graphs and CUDA graph pools
         torch.compiler.reset()
     status = {Request.NONE: records.COMPLETED, Request.INTERRUPT: "interrupted",

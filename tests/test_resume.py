@@ -333,6 +333,13 @@ def test_ctrl_c_reaches_the_workers_too_and_the_evaluation_still_reads_through_t
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 2, 3]
 
 
+def test_ctrl_c_during_the_final_evaluation_stops_the_sweep(corpus_file, tmp_path):
+    out = sweep(tmp_path, corpus_file, SIFT_TEST_SIGNAL="SIGINT:evaluation:6")  # job 0's budget is spent
+    assert out.returncode == 130, out.stderr
+    assert (summary(tmp_path / "0")["status"], summary(tmp_path / "0")["steps"]) == ("interrupted", 6)
+    assert not (tmp_path / "1").exists()  # the next job never started
+
+
 def test_ctrl_c_before_training_is_one_line_and_stops_the_sweep(corpus_file, tmp_path):
     out = sweep(tmp_path, corpus_file, SIFT_TEST_SIGNAL="SIGINT:data:0")  # while the data would be read
     assert out.returncode == 130
