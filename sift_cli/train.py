@@ -249,6 +249,12 @@ def fail(err: Exception) -> None:
     sys.exit(2)
 
 
+def interrupted(what_is_kept: str) -> None:
+    """A Ctrl-C outside training: one line saying what it leaves, and the exit code that stops a sweep."""
+    print(f"sift-train: interrupted{what_is_kept}", file=sys.stderr)
+    sys.exit(130)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def hydra_main(cfg: DictConfig) -> Optional[float]:
     hc = HydraConfig.get()
@@ -266,9 +272,8 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
             print(f"sift-train: to train on from its checkpoint, rerun the same command with {folder}", file=sys.stderr)
         stopped.exit()
     except KeyboardInterrupt:  # Ctrl-C before training began (reading data, compiling), or a second one
-        print(f"sift-train: interrupted; {hc.runtime.output_dir} keeps what was written before (a checkpoint "
-              "only if training had reached one)", file=sys.stderr)
-        sys.exit(130)
+        interrupted(f"; {hc.runtime.output_dir} keeps what was written before (a checkpoint only if training had "
+                    "reached one)")
     return summary["final_val_acc"]  # what a Hydra sweeper optimises
 
 
@@ -387,13 +392,11 @@ def main() -> None:
     except ConfigError as err:
         fail(err)
     except KeyboardInterrupt:
-        print("sift-train: interrupted before any run began; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        interrupted(" before any run began; nothing was written")
     try:
         hydra_main()
     except KeyboardInterrupt:  # in Hydra's own work around a run (composing, making its folder)
-        print("sift-train: interrupted while Hydra prepared a run; finished runs keep their records", file=sys.stderr)
-        sys.exit(130)
+        interrupted(" while Hydra prepared a run; finished runs keep their records")
     finally:
         distributed.shutdown()
 
