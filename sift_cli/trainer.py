@@ -438,13 +438,20 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _quiet_noted_interrupt(unraisable, report=sys.unraisablehook):
+    if not (_interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+        report(unraisable)
+
+
 def catch_early_interrupts() -> None:
     """Ctrl-C before training (the checks, reading data, building the model, compiling) stops the run at once.
     Python raises KeyboardInterrupt wherever the main thread is, and there a finalizer or a library's broad
     `except` can swallow it, and the run would go on; so the handler also notes it, and check_interrupted()
-    acts on the note between those phases."""
+    acts on the note between those phases. One swallowed by a finalizer or a fork hook is not reported with
+    a traceback: the note stops the run with its one line."""
     if threading.current_thread() is threading.main_thread():  # handlers can only be set there
         signal.signal(signal.SIGINT, _interrupt)
+        sys.unraisablehook = _quiet_noted_interrupt
 
 
 def check_interrupted() -> None:

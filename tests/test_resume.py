@@ -356,17 +356,28 @@ def test_ctrl_c_while_the_config_is_checked_is_one_line(corpus_file, tmp_path):
 
 
 SWALLOWED = """
-import os, signal, time
+import os, signal, sys, time
 import sift_cli.train as train
 
 real_build = train.build
+where = sys.argv.pop(1)  # before Hydra reads the overrides
+
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+
+class Finalized:
+    def __del__(self):  # Python reports the KeyboardInterrupt raised here, with its traceback, and goes on
+        ctrl_c()
 
 def build_after_a_swallowed_ctrl_c(*args, **kwargs):
-    try:  # Ctrl-C lands where a finalizer, or a library's broad except, swallows the KeyboardInterrupt
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)
-    except KeyboardInterrupt:
-        pass
+    if where == "finalizer":
+        Finalized()
+    else:
+        try:  # a library's broad except
+            ctrl_c()
+        except KeyboardInterrupt:
+            pass
     return real_build(*args, **kwargs)
 
 train.build = build_after_a_swallowed_ctrl_c
@@ -374,10 +385,11 @@ train.main()
 """
 
 
-def test_a_ctrl_c_swallowed_before_training_still_stops_the_run(corpus_file, tmp_path):
+@pytest.mark.parametrize("where", ["except", "finalizer"])
+def test_a_ctrl_c_swallowed_before_training_still_stops_the_run(corpus_file, tmp_path, where):
     script = tmp_path / "swallowed.py"
     script.write_text(SWALLOWED)
-    out = subprocess.run([sys.executable, str(script), *overrides("sift", corpus_file),
+    out = subprocess.run([sys.executable, str(script), where, *overrides("sift", corpus_file),
                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
                          start_new_session=True)
     assert out.returncode == 130 and "Traceback" not in out.stderr
