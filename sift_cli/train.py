@@ -29,12 +29,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sift_cli import __version__, distributed
 from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, holds_run, load_tensors,
                                  read_run, verify)
+from sift_cli.cli import BEFORE_ANY_RUN, catch_early_interrupts, check_interrupted, interrupted
 from sift_cli.config import (ConfigError, check_exit_layer, check_positions, check_task, choice_name, first_line,
                              method, run_name, validate)
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
 from sift_cli.records import COMPLETED, DIAGNOSTICS, METRICS, SUMMARY, Recorder, write_atomic
-from sift_cli.trainer import catch_early_interrupts, check_interrupted, fit
+from sift_cli.trainer import fit
 
 log = logging.getLogger("sift_cli")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -249,12 +250,6 @@ def fail(err: Exception) -> None:
     sys.exit(2)
 
 
-def interrupted(what_is_kept: str) -> None:
-    """A Ctrl-C outside training: one line saying what it leaves, and the exit code that stops a sweep."""
-    print(f"sift-train: interrupted{what_is_kept}", file=sys.stderr)
-    sys.exit(130)
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def hydra_main(cfg: DictConfig) -> Optional[float]:
     hc = HydraConfig.get()
@@ -392,7 +387,7 @@ def main() -> None:
     except ConfigError as err:
         fail(err)
     except KeyboardInterrupt:
-        interrupted(" before any run began; nothing was written")
+        interrupted(BEFORE_ANY_RUN)
     try:
         hydra_main()
     except KeyboardInterrupt:  # in Hydra's own work around a run (composing, making its folder)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sift_cli import distributed, records
 from sift_cli.checkpoint import Checkpointer
+from sift_cli.cli import check_interrupted
 from sift_cli.config import ConfigError, first_line, step_sizes
 from sift_cli.data import worker_signals
 from sift_cli.data.order import seed_of, seeded
@@ -429,36 +430,6 @@ def progress_bar(enabled: bool) -> Progress:
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-_interrupted = False  # a Ctrl-C before training, noted in case the KeyboardInterrupt raised for it is swallowed
-
-
-def _interrupt(signum, frame):
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt
-
-
-def _quiet_noted_interrupt(unraisable, report=sys.unraisablehook):
-    if not (_interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
-        report(unraisable)
-
-
-def catch_early_interrupts() -> None:
-    """Ctrl-C before training (the checks, reading data, building the model, compiling) stops the run at once.
-    Python raises KeyboardInterrupt wherever the main thread is, and there a finalizer or a library's broad
-    `except` can swallow it, and the run would go on; so the handler also notes it, and check_interrupted()
-    acts on the note between those phases. One swallowed by a finalizer or a fork hook is not reported with
-    a traceback: the note stops the run with its one line."""
-    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-        signal.signal(signal.SIGINT, _interrupt)
-        sys.unraisablehook = _quiet_noted_interrupt
-
-
-def check_interrupted() -> None:
-    if _interrupted:
-        raise KeyboardInterrupt
-
-
 class Request(enum.IntEnum):
     """What the stop signals ask of the loop. Ordered: across ranks, the strongest request wins."""
 

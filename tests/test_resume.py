@@ -355,6 +355,30 @@ def test_ctrl_c_while_the_config_is_checked_is_one_line(corpus_file, tmp_path):
     assert out.stderr.strip().splitlines() == ["sift-train: interrupted before any run began; nothing was written"]
 
 
+
+IMPORTING = """
+import os, signal, sys
+from importlib.metadata import entry_points
+
+class CtrlC:  # pressed as Python begins to import torch
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, CtrlC())
+(script,) = entry_points(group="console_scripts", name="sift-train")  # what the installed command runs
+script.load()()
+"""
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-c", IMPORTING, "model=bert_tiny"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 130 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["sift-train: interrupted before any run began; nothing was written"]
+    assert list(tmp_path.iterdir()) == []
+
+
 SWALLOWED = """
 import os, signal, sys, time
 import sift_cli.train as train
