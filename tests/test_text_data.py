@@ -163,6 +163,13 @@ def test_train_batches_from_dataloader_workers_equal_the_main_process_ones(corpu
         assert all(torch.equal(batch[k], expected[k]) for k in expected)
 
 
+def test_a_validation_subset_is_spread_over_the_whole_split_and_the_same_every_run():
+    subset = order.validation_subset(range(100_000), 200, seed=0)
+    assert subset == order.validation_subset(range(100_000), 200, seed=0) == sorted(set(subset))
+    assert len(subset) == 200 and all(any(t * 10_000 <= i < (t + 1) * 10_000 for i in subset) for t in range(10))
+    assert order.validation_subset(range(50), None, 0) == order.validation_subset(range(50), 80, 0) == list(range(50))
+
+
 def test_validation_is_masked_once_and_every_sequence_is_on_exactly_one_rank(corpus_file, tmp_path):
     data = build(corpus_file, tmp_path)
     full = {k: torch.cat([b[k] for b in data.val_batches(4)]) for k in ("input_ids", "mask_positions")}
@@ -175,7 +182,10 @@ def test_validation_is_masked_once_and_every_sequence_is_on_exactly_one_rank(cor
     assert torch.equal(torch.cat([b["input_ids"] for b in again]), full["input_ids"])
     few = build(corpus_file, tmp_path, max_val_samples=3)
     [only] = few.val_batches(8)
-    assert torch.equal(only["input_ids"], full["input_ids"][:3])
+    rows = torch.searchsorted(data.val_index, few.val_index)  # a sequence and its mask are the same in a subset
+    assert torch.equal(data.val_index[rows], few.val_index)
+    assert torch.equal(only["input_ids"], full["input_ids"][rows])
+    assert few.val_index.tolist() != [0, 1, 2]  # drawn from the whole split, not its first sequences
 
 
 def test_split_is_by_document_hash_whatever_the_order_and_never_leaks(tmp_path):

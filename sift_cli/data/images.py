@@ -91,13 +91,6 @@ def check_image_size(image_size: int) -> None:
         raise ConfigError(f"data.image_size={image_size} is too small; use at least 8 px")
 
 
-def capped(indices: Sequence[int], max_samples: Optional[int], seed: int) -> list:
-    """At most max_samples of the indices, the same ones on every run."""
-    if max_samples is None or max_samples >= len(indices):
-        return list(indices)
-    return sorted(np.random.default_rng(seed).choice(indices, max_samples, replace=False).tolist())
-
-
 class ImageData:
     """Training images served by step (`train_batch`), validation images by rank (`val_batches`).
 
@@ -174,7 +167,7 @@ def digits(image_size: int, val_fraction: float, split_seed: int, mean: Sequence
     # random crops only: a flipped digit is another glyph (or no digit at all)
     augment = v2.RandomCrop(image_size, padding=image_size // 8)
     return ImageData("digits", View(samples, train, per_sample(augment)), raw.target[train],
-                     View(samples, capped(val, max_val_samples, split_seed), per_sample()),
+                     View(samples, order.validation_subset(val, max_val_samples, split_seed), per_sample()),
                      num_classes=10, image_size=image_size, mean=mean, std=std, num_workers=num_workers,
                      split_seed=split_seed, duplicate_fraction=duplicate_fraction, duplicate_pool=duplicate_pool,
                      noise_fraction=noise_fraction)
@@ -207,7 +200,7 @@ def cifar10(root: Optional[str], download: bool, verify: bool, mean: Sequence[fl
         raise ConfigError(f"data.root={root} holds no usable CIFAR-10 copy: expected {CIFAR_FILES}{own_copy}; "
                           f"{why}") from None
     augment = (v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip())
-    val = capped(range(len(test_set)), max_val_samples, split_seed)
+    val = order.validation_subset(range(len(test_set)), max_val_samples, split_seed)
     return ImageData("cifar10", View(train_set, range(len(train_set)), per_sample(*augment)), train_set.targets,
                      View(test_set, val, per_sample()), num_classes=len(train_set.classes), image_size=32,
                      mean=mean, std=std, num_workers=num_workers, split_seed=split_seed,
@@ -247,7 +240,7 @@ def image_folder(root: str, val_root: Optional[str], val_fraction: float, split_
     evaluation = per_sample(v2.Resize(image_size), v2.CenterCrop(image_size))
     return ImageData(f"image_folder {root}", View(train_set, train, per_sample(*augment)),
                      [train_set.targets[i] for i in train],
-                     View(val_set, capped(val, max_val_samples, split_seed), evaluation),
+                     View(val_set, order.validation_subset(val, max_val_samples, split_seed), evaluation),
                      num_classes=len(train_set.classes), image_size=image_size, mean=mean, std=std,
                      num_workers=num_workers, split_seed=split_seed, duplicate_fraction=duplicate_fraction,
                      duplicate_pool=duplicate_pool, noise_fraction=noise_fraction)

@@ -1,4 +1,5 @@
-"""Which samples a step trains on: a pure function of (seed, step, rank), shared by every data family.
+"""Which samples a step trains on: a pure function of (seed, step, rank), shared by every data family; and
+which validation samples every evaluation scores.
 
 Nothing here holds iterator state. Epoch e of the training set is a permutation seeded by
 (seed, e); global batch s is the slice of that permutation it owns; rank r of `world` processes
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,6 +43,14 @@ def global_batch(num_samples: int, batch_size: int, seed: int, step: int) -> Ten
         raise ValueError(f"a batch of {batch_size} needs at least that many samples, not {num_samples}")
     epoch, slot = divmod(step, per_epoch)
     return epoch_permutation(num_samples, seed, epoch)[slot * batch_size:(slot + 1) * batch_size]
+
+
+def validation_subset(indices: Sequence[int], max_samples: Optional[int], seed: int) -> list[int]:
+    """At most max_samples of the indices, the same ones on every run, drawn from the whole split: its first
+    ones can be all of one kind (a corpus's first documents, one package's docstrings)."""
+    if max_samples is None or max_samples >= len(indices):
+        return list(indices)
+    return sorted(indices[i] for i in np.random.default_rng(seed).choice(len(indices), max_samples, replace=False))
 
 
 def shard(batch_size: int, rank: int, world: int) -> slice:

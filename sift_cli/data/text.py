@@ -481,8 +481,9 @@ class TextData:
         self.num_workers = num_workers
         body = seq_len - 2
         self.num_train = meta["train"]["tokens"] // body
-        self.num_val = meta["val"]["tokens"] // body
-        self.num_val = self.num_val if max_val_samples is None else min(self.num_val, max_val_samples)
+        self.val_index = torch.tensor(order.validation_subset(range(meta["val"]["tokens"] // body), max_val_samples,
+                                                              split_seed), dtype=torch.long)
+        self.num_val = len(self.val_index)
         self.num_masked = min(round(mlm_probability * body), max_predictions)
         self.vocab_size = len(tokenizer)
         self.model_args = {"vocab_size": self.vocab_size}
@@ -563,13 +564,13 @@ class TextData:
         return self._mask(ids, order.seeded(seed, "mask", step), batch_size, rows)
 
     def val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> list[dict[str, Tensor]]:
-        """This rank's validation sequences (i % world == rank of the first max_val_samples), masked
+        """This rank's validation sequences (every world-th of the validation subset, from the rank-th on), masked
         once with split_seed, so every run and every world size scores the same masked tokens."""
-        index = torch.arange(rank, self.num_val, world)
+        index = self.val_index[rank::world]
         # masked in blocks of VAL_BLOCK sequences, each with its own seed: a sequence's mask depends on
         # its index alone, not on max_val_samples, and no draw is larger than one block
         blocks = []
-        for block in range(-(-self.num_val // VAL_BLOCK)):
+        for block in (index // VAL_BLOCK).unique().tolist():
             part = index[index // VAL_BLOCK == block]
             blocks.append(self._mask(self._sequences("val", part), order.seeded(self.split_seed, "val-mask", block),
                                      VAL_BLOCK, part % VAL_BLOCK))
