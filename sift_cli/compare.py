@@ -16,6 +16,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, flat_config, read_metrics, time_to_target  # noqa: E402
 
@@ -51,7 +53,7 @@ RAN_ON = ("model", "data", "device", "accelerator", "world_size", "compiled", "c
 KNOWN_ANSWER = ("data.duplicate_fraction", "data.duplicate_pool", "data.noise_fraction")
 COMPLETED = "completed"
 TARGET_SHARES = (0.90, 0.95, 0.99)  # default targets: shares of vanilla's best mean accuracy
-SIGNIFICANCE = 2.0  # a speedup counts when speedup ± SIGNIFICANCE std leaves out 1
+SIGNIFICANCE = 0.05  # a speedup counts when Welch's t-test rejects equal mean times at this level
 UNEVEN_STEPS = 0.25  # std/mean of an arm's ms/step over seeds above which its runs met different machines
 PIPED_WIDTH = 240  # piped output gets the width a table needs, not rich's default of 80 columns
 DIAGNOSTIC_KEY = re.compile(r"(spearman|overlap)_k(\d+)")
@@ -313,10 +315,16 @@ def ratio_spread(num: MeanStd, den: MeanStd) -> MeanStd:
     return ratio, ratio * math.hypot((sa or 0.0) / a, (sb or 0.0) / b)
 
 
-def significant(speedup: MeanStd) -> bool:
-    """Whether the speedup's interval (± SIGNIFICANCE std) leaves out 1; without a spread it cannot."""
-    value, std = speedup
-    return std is not None and abs(value - 1.0) > SIGNIFICANCE * std
+def welch_p(base: list[float], times: list[float]) -> Optional[float]:
+    """The two-sided p-value of Welch's t-test that vanilla's and this arm's mean times are equal (seeds
+    as independent samples): it weighs the spread against the number of seeds, as the spread alone cannot.
+    None under 2 seeds an arm, or when neither time varies."""
+    if min(len(base), len(times)) < 2:
+        return None
+    with warnings.catch_warnings():  # nearly constant times: the test is still decided, by a large t
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(base, times, equal_var=False).pvalue)
+    return None if math.isnan(p) else p
 
 
 def incomplete_note(runs: list[Run]) -> str:
@@ -345,18 +353,18 @@ def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict
         times = times_to(group, target)
         reached = [t for t in times if t is not None]
         time = mean_std(reached) if reached and len(reached) == len(times) else (None, None)
-        speedup = (None, None)
+        speedup, p = (None, None), None
         if group is reference and time[0] is not None:
             speedup = (1.0, None)
         elif reference is not None and time[0]:  # a zero time (reached at step 0) has no ratio
             base = times_to(reference, target)
             if None not in base and (base_time := mean_std(base))[0] > 0:
-                speedup = ratio_spread(base_time, time)
+                speedup, p = ratio_spread(base_time, time), welch_p(base, reached)
         row.update({f"reached_{target:g}": len(reached), f"time_to_{target:g}_mean": time[0],
                     f"time_to_{target:g}_std": time[1], f"speedup_{target:g}": speedup[0],
-                    f"speedup_{target:g}_std": speedup[1],
+                    f"speedup_{target:g}_std": speedup[1], f"speedup_{target:g}_p": p,
                     f"speedup_{target:g}_significant": None if speedup[0] is None or group is reference
-                    else significant(speedup)})
+                    else p is not None and p < SIGNIFICANCE})
     return row
 
 
@@ -411,8 +419,9 @@ def caption_lines(groups: list[Group], rows: list[dict], targets_note: list[str]
     lines += [
         "time: training seconds (train_time_s) to the target, mean±std over seeds, linearly interpolated between "
         "the first evaluation at or above it and the one before (eval every: the median time between evaluations)",
-        f"speedup: vanilla's mean time / this arm's, against vanilla of the same setting; n.s.: not significant, "
-        f"the speedup ± {SIGNIFICANCE:g} std includes 1",
+        f"speedup: vanilla's mean time / this arm's (± the seeds' spread, propagated), against vanilla of the same "
+        f"setting; n.s.: not significant, Welch's t-test on the two arms' times gives p ≥ {SIGNIFICANCE:g} (or an "
+        f"arm has a single seed)",
         "ms/step: training time per step (selection included): a time to target is the steps to it times this, so "
         "a speedup comes from fewer steps, cheaper steps, or both"]
     single = [g.name for g in groups if len(g.runs) < 2]

@@ -15,6 +15,7 @@ from typing import Optional
 
 import matplotlib.image
 import pytest
+from scipy.stats import ttest_ind
 from rich.console import Console
 
 from sift_cli.compare import compare, main, parse_args
@@ -179,7 +180,9 @@ def test_table_numbers_match_the_records(tmp_path, capsys):
             spread = speedup * math.hypot(stdev(base) / mean(base), stdev(times) / mean(times))
             assert number(row[f"speedup_{everyone:g}"]) == pytest.approx(speedup)
             assert number(row[f"speedup_{everyone:g}_std"]) == pytest.approx(spread)
-            assert row[f"speedup_{everyone:g}_significant"] == str(abs(speedup - 1) > 2 * spread)
+            p = ttest_ind(base, times, equal_var=False).pvalue
+            assert number(row[f"speedup_{everyone:g}_p"]) == pytest.approx(p)
+            assert row[f"speedup_{everyone:g}_significant"] == str(p < 0.05)
 
         reached_some = sum(max(accs) >= some for accs, _ in runs.values())
         assert int(row[f"reached_{some:g}"]) == reached_some
@@ -370,9 +373,9 @@ def test_the_table_reads_at_80_columns(tmp_path):
     assert "1 seed: no spread, not a result: random f0.5" in " ".join(lines)
 
 
-def test_a_speedup_whose_interval_includes_1_is_not_significant(tmp_path, capsys):
+def test_a_speedup_is_significant_when_welchs_test_says_so(tmp_path, capsys):
     root = tmp_path / "runs"
-    for seed, (v, s, r) in enumerate(((10.0, 5.0, 6.0), (12.0, 5.2, 14.0))):
+    for seed, (v, s, r) in enumerate(((10.0, 5.0, 6.0), (12.0, 5.2, 14.0), (11.0, 5.1, 10.0))):
         write_run(root / f"v{seed}", [0.0, 1.0], [0, 2 * v], seed=seed)  # reaches 0.5 at v seconds
         sift(root / f"s{seed}", [0.0, 1.0], [0, 2 * s], seed=seed)
         write_run(root / f"r{seed}", [0.0, 1.0], [0, 2 * r], seed=seed, method="random", frac=0.5)
@@ -382,9 +385,23 @@ def test_a_speedup_whose_interval_includes_1_is_not_significant(tmp_path, capsys
     rows, cells = read_csv(tmp_path / "t.csv"), markdown_rows(tmp_path / "t.md")
     assert rows["sift-loss k1 f0.5"]["speedup_0.5_significant"] == "True"
     assert rows["random f0.5"]["speedup_0.5_significant"] == "False"
-    assert cells["sift-loss k1 f0.5"]["speedup 0.5"] == "2.16±0.28×"
+    assert cells["sift-loss k1 f0.5"]["speedup 0.5"] == "2.16±0.20×"
     assert cells["random f0.5"]["speedup 0.5"].endswith("× n.s.")
-    assert "n.s.: not significant" in out
+    assert "n.s.: not significant, Welch's t-test" in " ".join(out.split())
+
+
+def test_more_seeds_of_the_same_spread_make_a_speedup_significant(tmp_path, capsys):
+    def verdict(seeds: int) -> str:
+        root = tmp_path / f"runs{seeds}"
+        for seed in range(seeds):
+            wobble = (-1.0, 1.0)[seed % 2]  # every arm's spread the same whatever the number of seeds
+            write_run(root / f"v{seed}", [0.0, 1.0], [0, 2 * (10 + 2 * wobble)], seed=seed)
+            sift(root / f"s{seed}", [0.0, 1.0], [0, 2 * (6 + 1.2 * wobble)], seed=seed)
+        code, _, err = sift_compare(capsys, root, "--target", 0.5, "--csv", tmp_path / f"t{seeds}.csv")
+        assert code == 0, err
+        return read_csv(tmp_path / f"t{seeds}.csv")["sift-loss k1 f0.5"]["speedup_0.5_significant"]
+
+    assert (verdict(2), verdict(8)) == ("False", "True")
 
 
 def test_unknown_tuned_key_lists_the_keys_that_vary(tmp_path, capsys):
