@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from sift_cli import distributed
-from sift_cli.config import RESUMABLE, RESUMABLE_PREFIXES, ConfigError, code_defaults, first_line
+from sift_cli.config import RESUMABLE, RESUMABLE_PREFIXES, ConfigError, code_defaults, decay_budget, first_line
 from sift_cli.faults import kill_point
 from sift_cli.records import COMPLETED, flat_config, run_status, write_atomic
 
@@ -177,12 +177,15 @@ def load_tensors(folder: Path) -> dict:
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ in a way that changes training (budgets and sinks may differ). A key the old
-    config lacks (a run saved by a version before the key) differs only where the new value is not its default."""
+    """Keys whose values differ in a way that changes training (budgets and sinks may differ, but not the budget
+    a linear or cosine schedule decays over: the rates of the steps already taken would have been others). A
+    key the old config lacks (a run saved by a version before the key) differs only where the new value is not
+    its default."""
     a, b = flat_config(old), flat_config(new)
     a.update({k: v for k, v in flat_config(code_defaults(new)).items() if k not in a and k in b})
-    return sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES))
+    decays_over = decay_budget(b.get("trainer.scheduler"), b.get("trainer.schedule_unit"))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and (k == decays_over or (
+        k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES))))
 
 
 def _budget(value) -> float:
@@ -226,8 +229,12 @@ def check_folder(run_dir: Path, config: dict, resume: str) -> str:
         old, new = flat_config(previous["config"]), flat_config(config)
         shown = ", ".join(f"{k} ({old.get(k)} -> {new.get(k)})" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-        raise ConfigError(f"the run folder {run_dir} holds a run with another config: {shown}{more}; rerun with "
-                          f"its values to resume it, or choose a new folder (hydra.run.dir=... / hydra.sweep.dir=...)")
+        why = ""
+        if (budget := decay_budget(new.get("trainer.scheduler"), new.get("trainer.schedule_unit"))) in differ:
+            why = f" (trainer.scheduler={new['trainer.scheduler']} decays the learning rate over {budget})"
+        raise ConfigError(f"the run folder {run_dir} holds a run with another config: {shown}{more}{why}; rerun "
+                          f"with its values to resume it, or choose a new folder (hydra.run.dir=... / "
+                          f"hydra.sweep.dir=...)")
     if run_status(run_dir) == COMPLETED and not extends(previous["config"], config):
         return "done"
     return "resume"

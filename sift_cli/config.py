@@ -36,6 +36,7 @@ SWITCH = ("auto", "true", "false")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULE_UNITS = ("time", "steps", "samples")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+DECAYING = ("linear", "cosine")  # the schedules that run their course over a budget
 SELECTION_SCOPES = ("local", "global")
 # keys whose value does not change what a run computes: a resumed run may differ in them
 # (a compiled step trains as the eager one: measured on a GPU, benchmarks/results/gpu-h200-lpln)
@@ -48,6 +49,13 @@ RESUMABLE_PREFIXES = ("logger.", "diagnostics.")
 EXAMPLES = {"data.paths": "data.paths=[corpus.txt]",
             "data.name": "data.name=wikitext data.config_name=wikitext-103-raw-v1",
             "data.root": "data.root=/path/to/images (one subfolder per class)"}
+
+
+def decay_budget(scheduler: str, schedule_unit: str) -> Optional[str]:
+    """The budget over which a decaying schedule brings the learning rate to 0 (None: the rate does not decay)."""
+    if scheduler not in DECAYING:
+        return None
+    return "trainer.max_time_s" if schedule_unit == "time" else "trainer.max_steps"
 
 
 class ConfigError(ValueError):
@@ -210,8 +218,7 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
         raise ConfigError(f"trainer.warmup={t.warmup} must be 0 or more ({t.schedule_unit} of warm-up)")
     if t.max_steps is None and t.max_time_s is None:
         raise ConfigError("trainer.max_steps and trainer.max_time_s are both null; set at least one budget")
-    if t.scheduler in ("linear", "cosine"):
-        budget = "trainer.max_time_s" if t.schedule_unit == "time" else "trainer.max_steps"
+    if budget := decay_budget(t.scheduler, t.schedule_unit):
         if t[budget.split(".")[1]] is None:
             instead = ("use trainer.schedule_unit=time to decay over the time budget, or set trainer.max_steps"
                        if t.schedule_unit != "time" else "set trainer.max_time_s, or trainer.schedule_unit=steps")

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import make_config, sift_train, tiny_overrides
-from sift_cli.checkpoint import load_tensors, verify
+from sift_cli.checkpoint import changed_keys, load_tensors, verify
 from sift_cli.compare import load_runs
 from sift_cli.config import ConfigError
 from sift_cli.records import DIAGNOSTICS, METRICS, Recorder, read_metrics
@@ -277,6 +278,27 @@ def test_raising_max_steps_extends_a_finished_run(reference, corpus_file, tmp_pa
     assert done["status"] == "completed" and done["steps"] == 8 and done["restarts"] == 1
     after = (folder / "metrics.jsonl").read_text().splitlines()
     assert after[:len(before)] == before and [json.loads(r)["step"] for r in after[len(before):]] == [8]
+
+
+def test_the_budget_a_decaying_schedule_runs_over_cannot_change_on_resume(reference, corpus_file, tmp_path):
+    folder = copy_run(reference("sift"), tmp_path / "run")
+    saved = json.loads((folder / "run.json").read_text())
+    saved["config"]["trainer"].update(scheduler="linear", schedule_unit="steps")  # as if it had been run so
+    (folder / "run.json").write_text(json.dumps(saved))
+    linear = ("trainer.scheduler=linear", "trainer.schedule_unit=steps")
+    with pytest.raises(ConfigError, match=re.escape(
+            "another config: trainer.max_steps (6 -> 8) (trainer.scheduler=linear decays the learning rate over "
+            "trainer.max_steps); rerun with its values")):  # its steps so far had the rates of a 6-step decay
+        run(make_config(overrides("sift", corpus_file, *linear, "trainer.max_steps=8")), folder)
+    assert run(make_config(overrides("sift", corpus_file, *linear)), folder) == summary(folder)
+
+    def changed(*a: str, b: tuple[str, ...]) -> list[str]:
+        config = [OmegaConf.to_container(make_config(overrides("sift", corpus_file, *x))) for x in (a, b)]
+        return changed_keys(*config)
+
+    over_time = ("trainer.scheduler=cosine", "trainer.schedule_unit=time", "trainer.max_time_s=60")
+    assert changed(*over_time, b=(*over_time, "trainer.max_steps=8")) == []  # not the budget it decays over
+    assert changed(*over_time, b=(*over_time[:2], "trainer.max_time_s=90")) == ["trainer.max_time_s"]
 
 
 def test_resume_from_a_checkpoint_path_forks_into_a_new_folder(reference, corpus_file, tmp_path):
