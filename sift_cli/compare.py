@@ -46,9 +46,10 @@ USED_KNOBS = {"vanilla": (), "random": ("frac", "trainer.batch_mode")}
 SIFT_KNOBS = ("frac", "exit_layer", "trainer.batch_mode", "trainer.selection_scope")  # criterion: in the name
 # knobs an arm's name shows, as (short name, default): when not at the default (None: when the arms differ)
 NAMED_KNOBS = {"trainer.batch_mode": ("batch", "scored"), "trainer.selection_scope": ("scope", None)}
-# what the run ran on, from its summary: runs on different hardware or process counts, or whose steps ran
-# differently (a compile that fell back to eager, CUDA graphs left out), are kept apart
-RAN_ON = ("model", "data", "device", "accelerator", "world_size", "compiled", "cuda_graphs")
+# what the run ran on, from its summary: runs on different hardware or process counts, on other tokens (a
+# tokenizer trained again), or whose steps ran differently (a compile that fell back to eager, CUDA graphs left
+# out), are kept apart
+RAN_ON = ("model", "data", "data_fingerprint", "device", "accelerator", "world_size", "compiled", "cuda_graphs")
 # the known-answer data setting: shown whenever it differs, even between data choices of different names
 KNOWN_ANSWER = ("data.duplicate_fraction", "data.duplicate_pool", "data.noise_fraction")
 COMPLETED = "completed"

@@ -153,6 +153,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     kill_point("data", 0)
     data = build(cfg.data)
     check_interrupted()
+    check_same_data(data)
     model_name = choice_name(cfg, choices, "model")
     check_task(get_class(cfg.model._target_), data.task, model_name, choice_name(cfg, choices, "data"))
     model = build(cfg.model, "model", **data.model_args).to(device)
@@ -182,7 +183,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     about = {"method": arm, "run_name": name, "task": data.task, "model": model_name, "data": choices.get("data"),
              "depth": model.depth, "exit_layer": cfg.exit_layer, "frac": cfg.frac, "criterion": cfg.criterion,
              "seed": cfg.seed, "device": device.type, "accelerator": accelerator(device), "world_size": world,
-             **getattr(data, "setting", {}), "run_dir": str(run_dir), "torch": torch.__version__,
+             **getattr(data, "setting", {}), "data_fingerprint": getattr(data, "fingerprint", None),
+             "run_dir": str(run_dir), "torch": torch.__version__,
              "sift_train": __version__}
     record = Recorder(run_dir, cfg.logger, config, name=name, group=cfg.name or sweep, job_type=arm,
                       tags=list(cfg.tags), wandb_id=wandb_id, positions=positions, enabled=main, about=about,
@@ -364,6 +366,17 @@ def _first_lines(err: Exception) -> str:
     text = f"{err}\n{err.__cause__ or ''}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " ".join(lines[:2])
+
+
+def check_same_data(data) -> None:
+    """Every process reads the same tokens. Each builds or loads the token folder in data.cache_dir; where that
+    folder is not one that every process sees (a node-local disk), each node trains its own tokenizer, which can
+    number the vocabulary differently, and the ranks would train one model on different meanings of its ids."""
+    seen = distributed.gather((getattr(data, "fingerprint", None), str(getattr(data, "folder", ""))))
+    if (other := next((r for r, s in enumerate(seen) if s[0] != seen[0][0]), None)) is not None:
+        raise ConfigError(f"the processes read different data: rank {other}'s ({seen[other][1]}) is not rank 0's "
+                          f"({seen[0][1]}); set data.cache_dir (or $SIFT_CACHE) to one folder that every process "
+                          f"sees, so that one tokenizer serves them all")
 
 
 def _agree_on_folders() -> None:

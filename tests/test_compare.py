@@ -285,6 +285,21 @@ def test_runs_on_different_hardware_are_kept_apart(tmp_path, capsys):
     assert number(rows[2]["speedup_0.5"]) == pytest.approx(2.0)  # against vanilla on the H100, not the CPU
 
 
+def test_runs_on_other_tokens_are_kept_apart(tmp_path, capsys):
+    """The same config, but the token cache was built again in between, with a tokenizer that numbers its
+    vocabulary otherwise: the accuracies are of different problems."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root / f"vanilla{seed}", [0.1, 0.5, 0.8], [0, 1.0, 2.0], seed=seed,
+                  summary={"data_fingerprint": "first"})
+        sift(root / f"sift{seed}", [0.1, 0.5, 0.8], [0, 0.5, 1.0], seed=seed, summary={"data_fingerprint": "rebuilt"})
+    code, out, err = sift_compare(capsys, root, "--target", 0.5, "--csv", tmp_path / "t.csv")
+    assert code == 0, err
+    rows = read_csv(tmp_path / "t.csv")
+    assert rows["sift-loss k1 f0.5"]["setting"] == "data_fingerprint=rebuilt"
+    assert rows["sift-loss k1 f0.5"]["speedup_0.5"] == ""  # no vanilla on its tokens
+
+
 def test_a_run_whose_compile_fell_back_to_eager_is_not_compared_with_compiled_vanilla(tmp_path, capsys):
     """The same config (trainer.compile=auto on a GPU), but SIFT's step ran eagerly: a speedup against the
     compiled vanilla would measure the compiler, not the method."""

@@ -10,8 +10,10 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from hydra.utils import instantiate
 
 from conftest import REPO, make_config, tiny_overrides
 from sift_cli import distributed
@@ -195,14 +197,19 @@ def test_a_run_checkpointed_by_one_process_resumes_on_two(corpus_file, tmp_path,
     (["data.max_val_samples=1"], "the validation set has too few samples to give each of 2 processes one"),
 ])
 def test_bad_input_under_torchrun_ends_every_rank_with_the_one_line(args, message, corpus_file, tmp_path):
-    nowhere, logs = str(tmp_path / "nowhere"), tmp_path / "logs"
+    nowhere = str(tmp_path / "nowhere")
     os.mkdir(nowhere)
     args, message = [a.replace("NOWHERE", nowhere) for a in args], message.replace("NOWHERE", nowhere)
+    assert_every_rank_ends_with(message, *tiny_overrides(corpus_file, *args), f"hydra.run.dir={tmp_path / 'run'}",
+                                logs=tmp_path / "logs")
+
+
+def assert_every_rank_ends_with(message: str, *args: str, logs: Path) -> None:
     # --redirects: each rank's own output in its own file. A monitor interval longer than the default
     # 0.1 s lets the slower rank finish its check before torchrun stops it for the faster one's exit
     # (5 s: on a loaded machine one rank can still be importing torch seconds after the other exits).
-    out = torchrun(*tiny_overrides(corpus_file, *args), f"hydra.run.dir={tmp_path / 'run'}",
-                   launcher=["--redirects", "3", "--log-dir", str(logs), "--monitor-interval", "5"], timeout=120)
+    out = torchrun(*args, launcher=["--redirects", "3", "--log-dir", str(logs), "--monitor-interval", "5"],
+                   timeout=120)
     assert out.returncode != 0
     errors = sorted(logs.rglob("stderr.log"))
     assert len(errors) == 2
@@ -210,6 +217,21 @@ def test_bad_input_under_torchrun_ends_every_rank_with_the_one_line(args, messag
         lines = err.read_text().strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sift-train: error: ") and message in lines[0], lines
     assert f'File "{REPO / "sift_cli"}' not in out.stderr  # torchrun's report of the exit, never our traceback
+
+
+def test_ranks_whose_tokenizers_differ_end_with_the_one_line(corpus_file, tmp_path):
+    """As when each node trains its own tokenizer in a cache folder of its own: rank 1's numbers two tokens the
+    other way round."""
+    cache = tmp_path / "cache"
+    built = instantiate(make_config(tiny_overrides(corpus_file, f"data.cache_dir={cache}1")).data)
+    spec = json.loads((built.folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = [token for token in vocab if not token.startswith("[")][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (built.folder / "tokenizer.json").write_text(json.dumps(spec))
+    assert_every_rank_ends_with(
+        "the processes read different data: rank 1's", *tiny_overrides(corpus_file),
+        f"data.cache_dir={cache}${{oc.env:LOCAL_RANK}}", f"hydra.run.dir={tmp_path / 'run'}", logs=tmp_path / "logs")
 
 
 def test_submitit_local_sweep_runs_each_job_as_one_run_over_its_tasks(corpus_file, tmp_path):

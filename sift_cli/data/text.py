@@ -493,6 +493,8 @@ class TextData:
                         "noise_fraction": noise_fraction}
         self._known: Optional[order.KnownAnswer] = None
         self._mmaps: dict[str, np.memmap] = {}
+        # what the tokens mean: tokenizers trained apart (caches not shared) can number a vocabulary differently
+        self.fingerprint = _digest(_tokenizer_content(tokenizer), meta)
 
     # -- pickled cheaply for DataLoader workers: paths and numbers, no memory map, no tokenizer
     def __getstate__(self) -> dict:
@@ -567,6 +569,8 @@ class TextData:
         """This rank's validation sequences (every world-th of the validation subset, from the rank-th on), masked
         once with split_seed, so every run and every world size scores the same masked tokens."""
         index = self.val_index[rank::world]
+        if not len(index):
+            return []
         # masked in blocks of VAL_BLOCK sequences, each with its own seed: a sequence's mask depends on
         # its index alone, not on max_val_samples, and no draw is larger than one block
         blocks = []
