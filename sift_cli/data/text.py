@@ -433,8 +433,9 @@ def _write_tokens(folder: Path, corpus: Corpus, tok, split_seed: int, val_fracti
             if max_tokens is not None and total + lengths.sum() >= max_tokens:
                 keep = int(np.searchsorted(total + np.cumsum(lengths), max_tokens)) + 1
                 batch, ids, lengths, ends = batch[:keep], ids[:keep], lengths[:keep], ends[:keep]
-                lengths[-1] += not ends[-1]  # the cap falls inside a document: it ends there
-                ends[-1] = True
+                # the cap falls inside the last document: it ends there, with its [SEP] as the last token
+                lengths[-1] = max_tokens - total - lengths[:-1].sum()
+                ids[-1], ends[-1] = ids[-1][:lengths[-1] - 1], True
             for split, file in (("train", train), ("val", val)):
                 chosen = [i for i, (_, to_val, _, _) in enumerate(batch) if to_val == (split == "val")]
                 n_tokens = int(lengths[chosen].sum())
