@@ -208,6 +208,12 @@ class Selection:
             warnings.warn(f"frac={cfg.frac} keeps all {kept} rows of a batch of {scored} per process "
                           f"(trainer.batch_size={t.batch_size}): this arm updates on every row as vanilla does, "
                           f"after a selection that drops none; raise trainer.batch_size")
+        whole = step_sizes(t.batch_size, cfg.frac, t.batch_mode)
+        if world > 1 and kept < scored and (world * scored, world * kept) != whole:
+            warnings.warn(f"frac={cfg.frac} over {world} processes back-propagates {world} x {kept} of {world * scored}"
+                          f" rows a step, not {whole[1]} of {whole[0]}: every process takes an equal share, rounded "
+                          f"up (samples_backpropagated records it); a trainer.batch_size whose frac-share divides "
+                          f"by {world} avoids it")
         return cls(cfg.frac, cfg.criterion, scored, kept, cfg.seed, t.selection_scope, device, world,
                    distributed.rank())
 

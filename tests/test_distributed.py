@@ -129,6 +129,7 @@ def test_local_selection_backpropagates_ceil_frac_of_each_share_on_every_rank(co
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["samples_backpropagated_per_step"] == 4 and summary["samples_backpropagated"] == 24
     assert summary["samples_scored_per_step"] == 8 and summary["world_size"] == 2
+    assert "frac=0.3 over 2 processes back-propagates 2 x 2 of 8 rows a step, not 3 of 8" in out.stderr
 
 
 TIMED = """
