@@ -212,8 +212,8 @@ class Selection:
         if world > 1 and kept < scored and (world * scored, world * kept) != whole:
             warnings.warn(f"frac={cfg.frac} over {world} processes back-propagates {world} x {kept} of {world * scored}"
                           f" rows a step, not {whole[1]} of {whole[0]}: every process takes an equal share, rounded "
-                          f"up (samples_backpropagated records it); a trainer.batch_size whose frac-share divides "
-                          f"by {world} avoids it")
+                          f"up (samples_backpropagated records it); to avoid it, choose frac and trainer.batch_size "
+                          f"so that frac x batch_size divides by {world}")
         return cls(cfg.frac, cfg.criterion, scored, kept, cfg.seed, t.selection_scope, device, world,
                    distributed.rank())
 
