@@ -31,7 +31,7 @@ from sift_cli.config import ConfigError, first_line, step_sizes
 from sift_cli.data import worker_signals
 from sift_cli.data.order import seed_of, seeded
 from sift_cli.faults import kill_point
-from sift_cli.hardware import count_flops, peak_flops, synchronize
+from sift_cli.hardware import accelerator, count_flops, peak_flops, synchronize
 from sift_cli.records import DIAGNOSTICS, Recorder
 from sift_cli.selection import FEATURE_CRITERIA, overlap, random_subset, select, spearman, top
 
@@ -492,6 +492,7 @@ class TrainState:
     lost_time_s: float = 0.0  # training time thrown away by kills, after their last checkpoint
     earlier_wall_time_s: float = 0.0
     restarts: int = 0
+    ran_on: list = field(default_factory=list)  # "<accelerator> x<processes>" of each stretch, when they differ
     last_eval_step: Optional[int] = None
     next_eval_s: Optional[float] = None
     next_checkpoint_s: Optional[float] = None
@@ -555,6 +556,11 @@ class Training:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.scaler = grad_scaler_for(t.precision, device)
         self.state = restore(model, self.optimizer, self.scaler, resumed, checkpointer, device)
+        here = f"{accelerator(device)} x{world}"
+        if self.state.ran_on[-1:] != [here]:
+            self.state.ran_on.append(here)
+        if len(self.state.ran_on) > 1:  # resumed elsewhere: its time is no one machine's, nor is it compared as one
+            record.about["accelerator"] = ", then ".join(self.state.ran_on)
         self.model, self.core = distributed.wrap(model, device), model
         self.val = data.val_batches(t.eval_batch_size, rank, world)  # on the host, each batch moved as it is scored
         if distributed.agree_max([float(not len(self.val))])[0]:  # refused on every rank: none waits for the rest

@@ -187,6 +187,8 @@ def test_a_run_checkpointed_by_one_process_resumes_on_two(corpus_file, tmp_path,
     assert_same_curves(read_metrics(tmp_path), single["sift"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["world_size"] == 2 and summary["steps"] == 6
+    first, then = summary["accelerator"].split(", then ")  # kept apart from runs on one machine by sift-compare
+    assert first.endswith(" x1") and then == first[:-1] + "2"
 
 
 @pytest.mark.parametrize("args,message", [
