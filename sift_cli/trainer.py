@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -139,8 +140,14 @@ class Gate:
         self._open.set()
 
     def __enter__(self):
+        parent = multiprocessing.parent_process()  # None in the main process
         while True:
-            self._open.wait()
+            # a worker waits for open() only while the process that started it lives: one killed with the gate
+            # closed (an OOM kill mid-evaluation) never opens it, and torch's own check of the parent runs only
+            # between batches, so the worker would live on, holding the run's output pipes
+            while not self._open.wait(timeout=1.0):
+                if parent is not None and not parent.is_alive():
+                    os._exit(0)
             with self._busy.get_lock():
                 if self._open.is_set():
                     self._busy.value += 1

@@ -445,8 +445,9 @@ def test_a_ctrl_c_swallowed_before_training_still_stops_the_run(corpus_file, tmp
 
 def test_default_run_folder_names_do_not_collide(monkeypatch):
     names = set()
+    monkeypatch.setenv(STAMP, "")  # monkeypatch notes it unset before: the stamps made here go with the test
     for _ in range(2):  # two processes started in the same second
-        monkeypatch.delenv(STAMP, raising=False)
+        monkeypatch.delenv(STAMP)
         names.add(run_stamp("%Y-%m-%d/%H-%M-%S"))
     assert len(names) == 2
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]+", n) for n in names)

@@ -4,6 +4,9 @@ import contextlib
 import logging
 import math
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -105,6 +108,27 @@ def test_the_gate_reopens_when_work_off_the_clock_fails():
     worker.start()
     worker.join(timeout=10)
     assert not worker.is_alive()
+
+
+ORPHANED = """
+import multiprocessing, os, signal
+from sift_cli.trainer import Gate
+
+gate = Gate()
+gate.close()  # an evaluation
+worker = multiprocessing.Process(target=gate.__enter__)  # a data worker about to make a batch
+worker.start()
+print(worker.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the run killed mid-evaluation: no one will open the gate
+"""
+
+
+def test_a_worker_held_at_the_gate_leaves_when_its_run_is_killed():
+    """Else it would live on, holding the run's output pipes: whatever reads them (a test, a job script) waits."""
+    out = subprocess.run([sys.executable, "-c", ORPHANED], capture_output=True, text=True, timeout=60)
+    assert out.returncode == -signal.SIGKILL  # and the pipes closed: the worker ended
+    stat = Path(f"/proc/{int(out.stdout)}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # gone, or a zombie
 
 
 def test_agreeing_on_the_clock_counts_the_wait_for_the_slowest_rank_once(monkeypatch):
