@@ -188,6 +188,14 @@ def changed_keys(old: dict, new: dict) -> list[str]:
         k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES))))
 
 
+def decay_note(differ: list[str], new: dict) -> str:
+    """Why a changed budget is refused, where it is the one the learning rate decays over."""
+    flat = flat_config(new)
+    budget = decay_budget(flat.get("trainer.scheduler"), flat.get("trainer.schedule_unit"))
+    return f" (trainer.scheduler={flat['trainer.scheduler']} decays the learning rate over {budget})" \
+        if budget in differ else ""
+
+
 def _budget(value) -> float:
     return float("inf") if value is None else float(value)
 
@@ -229,10 +237,8 @@ def check_folder(run_dir: Path, config: dict, resume: str) -> str:
         old, new = flat_config(previous["config"]), flat_config(config)
         shown = ", ".join(f"{k} ({old.get(k)} -> {new.get(k)})" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-        why = ""
-        if (budget := decay_budget(new.get("trainer.scheduler"), new.get("trainer.schedule_unit"))) in differ:
-            why = f" (trainer.scheduler={new['trainer.scheduler']} decays the learning rate over {budget})"
-        raise ConfigError(f"the run folder {run_dir} holds a run with another config: {shown}{more}{why}; rerun "
+        raise ConfigError(f"the run folder {run_dir} holds a run with another config: {shown}{more}"
+                          f"{decay_note(differ, config)}; rerun "
                           f"with its values to resume it, or choose a new folder (hydra.run.dir=... / "
                           f"hydra.sweep.dir=...)")
     if run_status(run_dir) == COMPLETED and not extends(previous["config"], config):

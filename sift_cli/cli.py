@@ -23,9 +23,12 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _quiet_noted_interrupt(unraisable, report=sys.unraisablehook):
-    if not (_interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
-        report(unraisable)
+def _quiet_noted_interrupt(report):
+    def hook(unraisable):
+        if not (_interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            report(unraisable)
+    hook.quiets_noted_interrupts = True
+    return hook
 
 
 def catch_early_interrupts() -> None:
@@ -36,7 +39,8 @@ def catch_early_interrupts() -> None:
     a traceback: the note stops the run with its one line."""
     if threading.current_thread() is threading.main_thread():  # handlers can only be set there
         signal.signal(signal.SIGINT, _interrupt)
-        sys.unraisablehook = _quiet_noted_interrupt
+        if not getattr(sys.unraisablehook, "quiets_noted_interrupts", False):
+            sys.unraisablehook = _quiet_noted_interrupt(sys.unraisablehook)
 
 
 def check_interrupted() -> None:

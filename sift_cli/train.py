@@ -27,11 +27,11 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sift_cli import __version__, distributed
-from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, holds_run, load_tensors,
-                                 read_run, verify)
+from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, decay_note, holds_run,
+                                 load_tensors, read_run, verify)
 from sift_cli.cli import BEFORE_ANY_RUN, catch_early_interrupts, check_interrupted, interrupted
-from sift_cli.config import (ConfigError, check_exit_layer, check_positions, check_task, choice_name, first_line,
-                             method, run_name, validate)
+from sift_cli.config import (ConfigError, check_exit_layer, check_positions, check_task, choice_name, decay_budget,
+                             first_line, method, run_name, validate)
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
 from sift_cli.records import COMPLETED, DIAGNOSTICS, METRICS, SUMMARY, Recorder, write_atomic
@@ -142,8 +142,10 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     if action == "done":
         summary = distributed.from_main(lambda: read_summary(run_dir))
         if main:
-            print(f"{summary['run_name']}: already completed in {run_dir} (raise trainer.max_steps or "
-                  f"trainer.max_time_s to train it further)")
+            budget = decay_budget(cfg.trainer.scheduler, cfg.trainer.schedule_unit)
+            further = (f"its learning rate decayed over {budget}: train longer in a new folder" if budget else
+                       "raise trainer.max_steps or trainer.max_time_s to train it further")
+            print(f"{summary['run_name']}: already completed in {run_dir} ({further})")
         return summary
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
@@ -228,8 +230,8 @@ def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config:
                           ) from None
     differ = changed_keys(state["config"], config)
     if differ:
-        raise ConfigError(f"trainer.resume={resume} was trained with another config ({', '.join(differ[:4])}); "
-                          f"rerun with its values")
+        raise ConfigError(f"trainer.resume={resume} was trained with another config ({', '.join(differ[:4])})"
+                          f"{decay_note(differ, config)}; rerun with its values")
     source = folder.parent.parent
     if source.resolve() != run_dir.resolve():  # a fork: the new folder starts with the source's records
         if holds_run(run_dir):

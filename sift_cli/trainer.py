@@ -146,7 +146,7 @@ class Gate:
             # closed (an OOM kill mid-evaluation) never opens it, and torch's own check of the parent runs only
             # between batches, so the worker would live on, holding the run's output pipes
             while not self._open.wait(timeout=1.0):
-                if parent is not None and not parent.is_alive():
+                if parent is not None and (os.getppid() != parent.pid or not parent.is_alive()):
                     os._exit(0)
             with self._busy.get_lock():
                 if self._open.is_set():
@@ -216,7 +216,7 @@ class Selection:
                           f"(trainer.batch_size={t.batch_size}): this arm updates on every row as vanilla does, "
                           f"after a selection that drops none; raise trainer.batch_size")
         whole = step_sizes(t.batch_size, cfg.frac, t.batch_mode)
-        if world > 1 and kept < scored and (world * scored, world * kept) != whole:
+        if world > 1 and t.batch_mode == "scored" and kept < scored and world * kept != whole[1]:
             warnings.warn(f"frac={cfg.frac} over {world} processes back-propagates {world} x {kept} of {world * scored}"
                           f" rows a step, not {whole[1]} of {whole[0]}: every process takes an equal share, rounded "
                           f"up (samples_backpropagated records it); to avoid it, choose frac and trainer.batch_size "

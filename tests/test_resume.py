@@ -280,7 +280,7 @@ def test_raising_max_steps_extends_a_finished_run(reference, corpus_file, tmp_pa
     assert after[:len(before)] == before and [json.loads(r)["step"] for r in after[len(before):]] == [8]
 
 
-def test_the_budget_a_decaying_schedule_runs_over_cannot_change_on_resume(reference, corpus_file, tmp_path):
+def test_the_budget_a_decaying_schedule_runs_over_cannot_change_on_resume(reference, corpus_file, tmp_path, capsys):
     folder = copy_run(reference("sift"), tmp_path / "run")
     saved = json.loads((folder / "run.json").read_text())
     saved["config"]["trainer"].update(scheduler="linear", schedule_unit="steps")  # as if it had been run so
@@ -291,6 +291,8 @@ def test_the_budget_a_decaying_schedule_runs_over_cannot_change_on_resume(refere
             "trainer.max_steps); rerun with its values")):  # its steps so far had the rates of a 6-step decay
         run(make_config(overrides("sift", corpus_file, *linear, "trainer.max_steps=8")), folder)
     assert run(make_config(overrides("sift", corpus_file, *linear)), folder) == summary(folder)
+    assert "already completed" in (out := capsys.readouterr().out) and "raise trainer.max_steps" not in out
+    assert "its learning rate decayed over trainer.max_steps: train longer in a new folder" in out
 
     def changed(*a: str, b: tuple[str, ...]) -> list[str]:
         config = [OmegaConf.to_container(make_config(overrides("sift", corpus_file, *x))) for x in (a, b)]

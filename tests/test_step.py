@@ -110,6 +110,18 @@ def test_the_gate_reopens_when_work_off_the_clock_fails():
     assert not worker.is_alive()
 
 
+def test_uneven_shares_warn_only_where_the_back_propagated_count_changes(monkeypatch):
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    cpu = torch.device("cpu")
+    with pytest.warns(UserWarning, match=re.escape("back-propagates 2 x 2 of 8 rows a step, not 3 of 8")):
+        Selection.for_run(make_config(["frac=0.3", "trainer.batch_size=8"]), cpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Selection.for_run(make_config(["frac=0.5", "trainer.batch_size=8"]), cpu)  # 2 x 2 = ceil(0.5 x 8)
+        # batch=updated back-propagates batch_size rows whatever the shares: only the scored count rounds
+        Selection.for_run(make_config(["frac=0.3", "trainer.batch_size=8", "trainer.batch_mode=updated"]), cpu)
+
+
 ORPHANED = """
 import multiprocessing, os, signal
 from sift_cli.trainer import Gate

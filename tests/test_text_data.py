@@ -386,6 +386,18 @@ def test_a_checkpoint_tokenizer_keys_the_cache_by_its_content(corpus_file, tmp_p
     assert pickle.loads(pickle.dumps(a)).tokenizer.get_vocab() == trained.get_vocab()
 
 
+def test_the_process_that_built_the_cache_and_those_that_load_it_agree_on_the_data(corpus_file, tmp_path):
+    """Under torchrun one process builds the cache and the others load it: their fingerprints must match, else
+    every rank is refused; also for a checkpoint's tokenizer whose saved settings (truncation) the build turns
+    off."""
+    trained = build(corpus_file, tmp_path).tokenizer
+    trained.backend_tokenizer.enable_truncation(64)
+    trained.save_pretrained(tmp_path / "tok")
+    built = build(corpus_file, tmp_path / "cache", tokenizer=str(tmp_path / "tok"))
+    loaded = build(corpus_file, tmp_path / "cache", tokenizer=str(tmp_path / "tok"))
+    assert loaded.folder == built.folder and loaded.fingerprint == built.fingerprint
+
+
 def test_docstrings_are_read_with_ast_without_importing_and_cached(tmp_path, caplog):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "mod.py").write_text(

@@ -494,8 +494,9 @@ class TextData:
                         "noise_fraction": noise_fraction}
         self._known: Optional[order.KnownAnswer] = None
         self._mmaps: dict[str, np.memmap] = {}
-        # what the tokens mean: tokenizers trained apart (caches not shared) can number a vocabulary differently
-        self.fingerprint = _digest(_tokenizer_content(tokenizer), meta)
+        # what the tokens mean: tokenizers trained apart (caches not shared) can number a vocabulary differently.
+        # The vocabulary alone: building the cache turns a loaded tokenizer's truncation and padding off
+        self.fingerprint = _digest(sorted(tokenizer.get_vocab().items()), meta)
 
     # -- pickled cheaply for DataLoader workers: paths and numbers, no memory map, no tokenizer
     def __getstate__(self) -> dict:
@@ -630,7 +631,10 @@ def build(corpus: Corpus, *, vocab_size: int = 8192, seq_len: int = 128, val_fra
     pretrained = _load_pretrained(tokenizer) if tokenizer else None
     recipe = ("pretrained", _tokenizer_content(pretrained)) if pretrained else ("wordpiece", vocab_size,
                                                                                  tokenizer_sample_mb)
-    key = _digest(FORMAT, corpus.key, recipe, val_fraction, split_seed, max_documents, max_tokens)
+    # a capped folder's key marks the exact cut (earlier versions kept up to one piece more), not FORMAT: a
+    # new FORMAT would retrain every cached tokenizer
+    cap = max_tokens if max_tokens is None else ("exact", max_tokens)
+    key = _digest(FORMAT, corpus.key, recipe, val_fraction, split_seed, max_documents, cap)
 
     def make(folder: Path) -> None:
         folder.mkdir(parents=True)
