@@ -238,9 +238,8 @@ def check_folder(run_dir: Path, config: dict, resume: str) -> str:
         shown = ", ".join(f"{k} ({old.get(k)} -> {new.get(k)})" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise ConfigError(f"the run folder {run_dir} holds a run with another config: {shown}{more}"
-                          f"{decay_note(differ, config)}; rerun "
-                          f"with its values to resume it, or choose a new folder (hydra.run.dir=... / "
-                          f"hydra.sweep.dir=...)")
+                          f"{decay_note(differ, config)}; rerun with its values to resume it, or choose a new "
+                          f"folder (hydra.run.dir=... / hydra.sweep.dir=...)")
     if run_status(run_dir) == COMPLETED and not extends(previous["config"], config):
         return "done"
     return "resume"

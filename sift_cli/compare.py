@@ -319,7 +319,7 @@ def ratio_spread(num: MeanStd, den: MeanStd) -> MeanStd:
 def welch_p(base: list[float], times: list[float]) -> Optional[float]:
     """The two-sided p-value of Welch's t-test that vanilla's and this arm's mean times are equal (seeds
     as independent samples): it weighs the spread against the number of seeds, as the spread alone cannot.
-    None under 2 seeds an arm, or when neither time varies."""
+    None under 2 seeds an arm, or where the test is undefined (every time of both arms the same)."""
     if min(len(base), len(times)) < 2:
         return None
     with warnings.catch_warnings():  # nearly constant times: the test is still decided, by a large t

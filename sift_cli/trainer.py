@@ -443,6 +443,8 @@ def progress_bar(enabled: bool) -> Progress:
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 class Request(enum.IntEnum):
     """What the stop signals ask of the loop. Ordered: across ranks, the strongest request wins."""
 
