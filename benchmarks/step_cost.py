@@ -276,7 +276,8 @@ class Bench:
         cfg = self.config(arm)
         optimizer = instantiate(cfg.trainer.optimizer)(params=self.model.parameters())
         return prepare_step(self.model, cfg, optimizer, grad_scaler_for(cfg.trainer.precision, self.device),
-                            Selection.for_run(cfg, self.device), self.autocast, self.batches[0], 0, self.device)
+                            Selection.for_run(cfg, self.device, self.model.depth), self.autocast, self.batches[0], 0,
+                            self.device)
 
     def dropout_per_step(self, step: Step) -> str:
         """Whether the step's dropout follows the seed fit() sets before each step: the same loss for the same

@@ -23,7 +23,8 @@ from typing import Any, Optional
 import torch
 
 from sift_cli import distributed
-from sift_cli.config import RESUMABLE, RESUMABLE_PREFIXES, ConfigError, code_defaults, decay_budget, first_line
+from sift_cli.config import (DECAYING, RESUMABLE, RESUMABLE_PREFIXES, ConfigError, SelectionConfig, code_defaults,
+                             decay_budget, first_line)
 from sift_cli.faults import kill_point
 from sift_cli.records import COMPLETED, flat_config, run_status, write_atomic
 
@@ -183,7 +184,7 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     its default."""
     a, b = flat_config(old), flat_config(new)
     a.update({k: v for k, v in flat_config(code_defaults(new)).items() if k not in a and k in b})
-    decays_over = decay_budget(b.get("trainer.scheduler"), b.get("trainer.schedule_unit"))
+    decays_over = schedule_budget(b)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and (k == decays_over or (
         k not in RESUMABLE and not k.startswith(RESUMABLE_PREFIXES))))
 
@@ -191,9 +192,20 @@ def changed_keys(old: dict, new: dict) -> list[str]:
 def decay_note(differ: list[str], new: dict) -> str:
     """Why a changed budget is refused, where it is the one the learning rate decays over."""
     flat = flat_config(new)
-    budget = decay_budget(flat.get("trainer.scheduler"), flat.get("trainer.schedule_unit"))
-    return f" (trainer.scheduler={flat['trainer.scheduler']} decays the learning rate over {budget})" \
-        if budget in differ else ""
+    budget = schedule_budget(flat)
+    if budget not in differ:
+        return ""
+    if flat["trainer.scheduler"] in DECAYING:
+        return f" (trainer.scheduler={flat['trainer.scheduler']} decays the learning rate over {budget})"
+    return f" (selection.start and selection.end are fractions of {budget})"
+
+
+def schedule_budget(flat: dict) -> Optional[str]:
+    """The budget a run's schedules (decaying learning rate, selection window) run their course over, from its
+    flat config (a run saved before the selection window has none)."""
+    window = {k: flat[f"selection.{k}"] for k in ("start", "end") if f"selection.{k}" in flat}
+    return decay_budget(flat.get("trainer.scheduler"), flat.get("trainer.schedule_unit"),
+                        SelectionConfig.windowed(window))
 
 
 def _budget(value) -> float:

@@ -33,7 +33,8 @@ from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from sift_cli.records import DIAGNOSTICS, METRICS, SUMMARY, flat_config, read_metrics, time_to_target  # noqa: E402
+from sift_cli.records import (DIAGNOSTICS, METRICS, SUMMARY, flat_config, read_metrics, schedule_parts,  # noqa: E402
+                              time_to_target)
 
 # config keys that do not change what a run learns, so runs differing only there are repeats
 IGNORED = {"seed", "name", "tags", "targets", "trainer.progress", "trainer.device", "trainer.eval_batch_size",
@@ -41,9 +42,12 @@ IGNORED = {"seed", "name", "tags", "targets", "trainer.progress", "trainer.devic
            "trainer.keep_checkpoints"}
 IGNORED_PREFIXES = ("logger.", "hydra.", "diagnostics.")  # probing pauses the clock and changes nothing
 # the selection knobs, and the ones each method uses: frac=1.0 is vanilla whatever criterion says
-SELECTION = ("frac", "exit_layer", "criterion", "trainer.batch_mode", "trainer.selection_scope")
-USED_KNOBS = {"vanilla": (), "random": ("frac", "trainer.batch_mode")}
-SIFT_KNOBS = ("frac", "exit_layer", "trainer.batch_mode", "trainer.selection_scope")  # criterion: in the name
+# the selection schedule's keys, at the values a run saved before they existed trained with (every step selected)
+SCHEDULE = {"selection.start": 0.0, "selection.end": 1.0, "selection.every": 1}
+SELECTION = ("frac", "exit_layer", "criterion", "trainer.batch_mode", "trainer.selection_scope", *SCHEDULE)
+USED_KNOBS = {"vanilla": (), "random": ("frac", "trainer.batch_mode", *SCHEDULE)}
+# criterion: in the name
+SIFT_KNOBS = ("frac", "exit_layer", "trainer.batch_mode", "trainer.selection_scope", *SCHEDULE)
 # knobs an arm's name shows, as (short name, default): when not at the default (None: when the arms differ)
 NAMED_KNOBS = {"trainer.batch_mode": ("batch", "scored"), "trainer.selection_scope": ("scope", None)}
 # what the run ran on, from its summary: runs on different hardware or process counts, on other tokens (a
@@ -190,7 +194,7 @@ def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict
     each arm is compared with vanilla at vanilla's own value."""
     s = run.summary
     flat = flat_config(s["config"])
-    knobs = {k: flat.get(k) for k in USED_KNOBS.get(s["method"], SIFT_KNOBS)}
+    knobs = {k: flat.get(k, SCHEDULE.get(k)) for k in USED_KNOBS.get(s["method"], SIFT_KNOBS)}
     setting = {k: v for k, v in flat.items() if shapes_training(k) and k not in tuned}
     # the choice names and what the run actually ran on (the config may say "auto")
     setting.update({k: s.get(k) for k in RAN_ON})
@@ -237,6 +241,8 @@ def name_groups(groups: list[Group]) -> None:
     for g in groups:
         parts = [g.method] + [f"{short}{g.knobs[k]:g}" for k, short in (("exit_layer", "k"), ("frac", "f"))
                               if k in g.knobs]
+        if schedule := schedule_parts(*(g.knobs.get(k, default) for k, default in SCHEDULE.items())):
+            parts.append(f"[{' '.join(schedule)}]")  # e.g. [0.5-0.9 /2]: selecting in half of 50-90% of the run
         for key, (short, default) in NAMED_KNOBS.items():
             value = g.knobs.get(key)
             if value is not None and (value != default if default is not None else

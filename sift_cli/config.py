@@ -25,6 +25,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from sift_cli.records import schedule_parts
+
 CRITERIA = ("loss", "entropy", "random", "gradnorm", "loss_proportional", "diverse")
 PEER_CRITERIA = ("gradnorm", "loss_proportional", "diverse")  # the peers' rules, named as they are
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -51,9 +53,10 @@ EXAMPLES = {"data.paths": "data.paths=[corpus.txt]",
             "data.root": "data.root=/path/to/images (one subfolder per class)"}
 
 
-def decay_budget(scheduler: str, schedule_unit: str) -> Optional[str]:
-    """The budget over which a decaying schedule brings the learning rate to 0 (None: the rate does not decay)."""
-    if scheduler not in DECAYING:
+def decay_budget(scheduler: str, schedule_unit: str, windowed: bool = False) -> Optional[str]:
+    """The budget a schedule runs its course over: a decaying learning rate's, which reaches 0 at its end, or a
+    selection window's (`windowed`: selection.start and end are fractions of it). None: nothing depends on it."""
+    if scheduler not in DECAYING and not windowed:
         return None
     return "trainer.max_time_s" if schedule_unit == "time" else "trainer.max_steps"
 
@@ -108,13 +111,29 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """When a step selects: inside [start, end) of the budget (fractions, in trainer.schedule_unit), on one step
+    in `every`. Every other step is the step vanilla takes."""
+
+    start: float = 0.0
+    end: float = 1.0
+    every: int = 1
+
+    @staticmethod
+    def windowed(node) -> bool:
+        """Whether the window leaves out part of the budget (and so depends on where the budget ends)."""
+        return node.get("start", 0.0) > 0 or node.get("end", 1.0) < 1
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     data: Any = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     diagnostics: DiagnosticsConfig = MISSING
-    exit_layer: int = MISSING
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    exit_layer: Any = MISSING  # 1..depth, or "depth": the exact loss of whatever model is chosen
     frac: float = MISSING
     criterion: str = MISSING
     seed: int = MISSING
@@ -175,6 +194,7 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
     _unknown_keys(cfg, Config, "")
     _unknown_keys(cfg.trainer, TrainerConfig, "trainer.")
     _unknown_keys(cfg.logger, LoggerConfig, "logger.")
+    _unknown_keys(cfg.selection, SelectionConfig, "selection.")
     _interpolations(cfg)
     _missing_values(cfg)
     model_name = choice_name(cfg, choices, "model")
@@ -186,8 +206,12 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
                choice_name(cfg, choices, "data"))
     if not (isinstance(cfg.frac, (int, float)) and 0 < cfg.frac <= 1):
         raise ConfigError(f"frac={cfg.frac} is outside (0, 1]; use e.g. frac=0.5 (frac=1.0 is vanilla training)")
-    if cfg.exit_layer < 1:
+    if cfg.exit_layer != "depth" and not (isinstance(cfg.exit_layer, int) and not isinstance(cfg.exit_layer, bool)):
+        raise ConfigError(f"exit_layer={cfg.exit_layer} is not allowed; give a block number (1 is the first) or "
+                          f"depth (the last: the exact loss)")
+    if cfg.exit_layer != "depth" and cfg.exit_layer < 1:
         raise ConfigError(f"exit_layer={cfg.exit_layer} must be at least 1 (the first block of the model)")
+    check_window(cfg.selection)
     _one_of("criterion", cfg.criterion, CRITERIA)
     t = cfg.trainer
     for key in ("batch_size", "eval_batch_size"):
@@ -218,12 +242,15 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
         raise ConfigError(f"trainer.warmup={t.warmup} must be 0 or more ({t.schedule_unit} of warm-up)")
     if t.max_steps is None and t.max_time_s is None:
         raise ConfigError("trainer.max_steps and trainer.max_time_s are both null; set at least one budget")
-    if budget := decay_budget(t.scheduler, t.schedule_unit):
+    if budget := decay_budget(t.scheduler, t.schedule_unit, SelectionConfig.windowed(cfg.selection)):
         if t[budget.split(".")[1]] is None:
-            instead = ("use trainer.schedule_unit=time to decay over the time budget, or set trainer.max_steps"
+            instead = ("use trainer.schedule_unit=time to measure it in the time budget, or set trainer.max_steps"
                        if t.schedule_unit != "time" else "set trainer.max_time_s, or trainer.schedule_unit=steps")
-            raise ConfigError(f"trainer.scheduler={t.scheduler} with trainer.schedule_unit={t.schedule_unit} decays "
-                              f"over {budget}, which is null; {instead}")
+            what = (f"trainer.scheduler={t.scheduler} with trainer.schedule_unit={t.schedule_unit} decays over "
+                    f"{budget}" if t.scheduler in DECAYING else
+                    f"selection.start={cfg.selection.start} and selection.end={cfg.selection.end} are fractions of "
+                    f"{budget} (trainer.schedule_unit={t.schedule_unit})")
+            raise ConfigError(f"{what}, which is null; {instead}")
     _one_of("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _one_of("logger.mode", cfg.logger.mode, WANDB_MODES)
     for target in cfg.targets:
@@ -253,7 +280,7 @@ def code_defaults(config: dict) -> dict:
         return values
 
     defaults = {**given(Config), "trainer": given(TrainerConfig), "logger": given(LoggerConfig),
-                "diagnostics": given(DiagnosticsConfig)}
+                "diagnostics": given(DiagnosticsConfig), "selection": given(SelectionConfig)}
     for group in ("model", "data"):
         try:
             target = pkgutil.resolve_name(config[group]["_target_"])
@@ -368,8 +395,28 @@ def check_task(model: type, data_task: Optional[str], model_name: str, data_name
                           f"pick a data choice of the same task")
 
 
-def check_exit_layer(exit_layer: int, depth: int, model_name: str) -> None:
-    if exit_layer > depth:
+def check_window(node) -> None:
+    """selection.start/end: fractions of the budget, start below end; selection.every: a whole number >= 1."""
+    for key in ("start", "end"):
+        value = node[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(f"selection.{key}={value} is outside [0, 1]; it is a fraction of the budget "
+                              f"(trainer.schedule_unit), e.g. selection.start=0.5")
+    if node.start >= node.end:
+        raise ConfigError(f"selection.start={node.start} is not below selection.end={node.end}: the window would "
+                          f"hold no step; use start < end (frac=1.0 trains without selection)")
+    if isinstance(node.every, bool) or not isinstance(node.every, int) or node.every < 1:
+        raise ConfigError(f"selection.every={node.every} is not allowed; select on one step in every N, N a whole "
+                          f"number >= 1 (1: every step; 2: Composer's interrupt=2)")
+
+
+def exit_block(exit_layer, depth: int) -> int:
+    """The block the cheap pass stops after: exit_layer, or the last block for exit_layer=depth."""
+    return depth if exit_layer == "depth" else exit_layer
+
+
+def check_exit_layer(exit_layer, depth: int, model_name: str) -> None:
+    if exit_block(exit_layer, depth) > depth:
         raise ConfigError(f"exit_layer={exit_layer} is beyond {model_name}, which has {depth} blocks; choose 1..{depth}")
 
 
@@ -394,9 +441,11 @@ def method(frac: float, criterion: str, exit_layer: int, depth: int) -> str:
     return criterion if criterion in PEER_CRITERIA else f"sift-{criterion}"
 
 
-def run_name(frac: float, criterion: str, exit_layer: int, depth: int, seed: int, batch_mode: str = "scored") -> str:
+def run_name(frac: float, criterion: str, exit_layer: int, depth: int, seed: int, batch_mode: str = "scored",
+             schedule: tuple[float, float, int] = (0.0, 1.0, 1)) -> str:
     arm = method(frac, criterion, exit_layer, depth)
     parts = {"vanilla": [arm], "random": [arm, f"f{frac:g}"]}.get(arm, [arm, f"k{exit_layer}", f"f{frac:g}"])
-    if batch_mode != "scored" and arm != "vanilla":  # the default stays out of the name
-        parts.append(batch_mode)
+    if arm != "vanilla":  # the defaults stay out of the name
+        parts += ([batch_mode] if batch_mode != "scored" else []) + [
+            f"w{p}" if "-" in p else f"every{p[1:]}" for p in schedule_parts(*schedule)]
     return "-".join(parts + [f"s{seed}"])

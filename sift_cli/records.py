@@ -61,6 +61,12 @@ def flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def schedule_parts(start: float, end: float, every: int) -> list[str]:
+    """A selection schedule in words, for run names and arm labels: the window, one step in `every` (nothing
+    for the default, every step of the run)."""
+    return ([f"{start:g}-{end:g}"] if (start, end) != (0, 1) else []) + ([f"/{every}"] if every > 1 else [])
+
+
 def time_to_target(rows: list[dict], target: float) -> Optional[dict]:
     """The first evaluation that reached `target` validation accuracy, or None if none did.
 

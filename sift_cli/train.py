@@ -30,8 +30,8 @@ from sift_cli import __version__, distributed
 from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, decay_note, holds_run,
                                  load_tensors, read_run, verify)
 from sift_cli.cli import BEFORE_ANY_RUN, catch_early_interrupts, check_interrupted, interrupted
-from sift_cli.config import (ConfigError, check_exit_layer, check_positions, check_task, choice_name, decay_budget,
-                             first_line, method, run_name, validate)
+from sift_cli.config import (ConfigError, SelectionConfig, check_exit_layer, check_positions, check_task, choice_name,
+                             decay_budget, exit_block, first_line, method, run_name, validate)
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
 from sift_cli.records import COMPLETED, DIAGNOSTICS, METRICS, SUMMARY, Recorder, write_atomic
@@ -142,8 +142,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     if action == "done":
         summary = distributed.from_main(lambda: read_summary(run_dir))
         if main:
-            budget = decay_budget(cfg.trainer.scheduler, cfg.trainer.schedule_unit)
-            further = (f"its learning rate decayed over {budget}: train longer in a new folder" if budget else
+            budget = decay_budget(cfg.trainer.scheduler, cfg.trainer.schedule_unit,
+                                  SelectionConfig.windowed(cfg.selection))
+            further = (f"its schedule ran its course over {budget}: train longer in a new folder" if budget else
                        "raise trainer.max_steps or trainer.max_time_s to train it further")
             print(f"{summary['run_name']}: already completed in {run_dir} ({further})")
         return summary
@@ -162,8 +163,10 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     check_interrupted()
     check_exit_layer(cfg.exit_layer, model.depth, model_name)
     check_positions(cfg.data.get("seq_len"), getattr(model, "max_length", None))  # a checkpoint's own limit
-    arm = method(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth)
-    name = run_name(cfg.frac, cfg.criterion, cfg.exit_layer, model.depth, cfg.seed, cfg.trainer.batch_mode)
+    exit_layer = exit_block(cfg.exit_layer, model.depth)
+    schedule = (cfg.selection.start, cfg.selection.end, cfg.selection.every)
+    arm = method(cfg.frac, cfg.criterion, exit_layer, model.depth)
+    name = run_name(cfg.frac, cfg.criterion, exit_layer, model.depth, cfg.seed, cfg.trainer.batch_mode, schedule)
     if main:
         log.info("%s on %s x%d: %s, %s parameters, %s", name, device, world, data.describe(),
                  f"{sum(p.numel() for p in model.parameters()):,}", run_dir)
@@ -183,7 +186,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         wandb_id = None
     positions = resumed[1]["positions"] if resumed else {}
     about = {"method": arm, "run_name": name, "task": data.task, "model": model_name, "data": choices.get("data"),
-             "depth": model.depth, "exit_layer": cfg.exit_layer, "frac": cfg.frac, "criterion": cfg.criterion,
+             "depth": model.depth, "exit_layer": exit_layer, "frac": cfg.frac, "criterion": cfg.criterion,
+             "selection": dict(zip(("start", "end", "every"), schedule)),
              "seed": cfg.seed, "device": device.type, "accelerator": accelerator(device), "world_size": world,
              **getattr(data, "setting", {}), "data_fingerprint": getattr(data, "fingerprint", None),
              "run_dir": str(run_dir), "torch": torch.__version__,
@@ -300,7 +304,7 @@ TYPE_NAMES = {"Float": "a number", "Integer": "a whole number"}
 def _override_error(err: Exception) -> Optional[str]:
     """Hydra's account of an override it refused, as our one line: a typo of a key (with the closest known key)
     or a value of the wrong type."""
-    from sift_cli.config import Config, LoggerConfig, TrainerConfig
+    from sift_cli.config import Config, LoggerConfig, SelectionConfig, TrainerConfig
 
     wrong_type = re.search(r"Error merging override ([^=\s]+)=(.*?) Value .*?(?:converted to (\w+)|not a valid bool)",
                            f"{err} {err.__cause__}", re.S)
@@ -312,7 +316,7 @@ def _override_error(err: Exception) -> Optional[str]:
         return None
     key = found.group(1)
     parent, _, leaf = key.rpartition(".")
-    schema = {"": Config, "trainer": TrainerConfig, "logger": LoggerConfig}.get(parent)
+    schema = {"": Config, "trainer": TrainerConfig, "logger": LoggerConfig, "selection": SelectionConfig}.get(parent)
     known = [f.name for f in fields(schema)] if schema else []
     close = difflib.get_close_matches(leaf, known, n=1)
     hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""

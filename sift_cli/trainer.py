@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from sift_cli import distributed, records
 from sift_cli.checkpoint import Checkpointer
 from sift_cli.cli import check_interrupted
-from sift_cli.config import ConfigError, first_line, step_sizes
+from sift_cli.config import ConfigError, exit_block, first_line, step_sizes
 from sift_cli.data import worker_signals
 from sift_cli.data.order import seed_of, seeded
 from sift_cli.faults import kill_point
@@ -205,9 +205,15 @@ class Selection:
     device: torch.device
     world: int = 1
     rank: int = 0
+    exit_layer: int = 1
+    batch_mode: str = "scored"
+    # the schedule: steps in [start, end) of the budget select, one in every `every`
+    start: float = 0.0
+    end: float = 1.0
+    every: int = 1
 
     @classmethod
-    def for_run(cls, cfg, device: torch.device) -> "Selection":
+    def for_run(cls, cfg, device: torch.device, depth: int) -> "Selection":
         """What a run's config asks of this process: its share of trainer.batch_size, scored and kept."""
         t, world = cfg.trainer, distributed.world()
         scored, kept = step_sizes(t.batch_size // world, cfg.frac, t.batch_mode)
@@ -222,7 +228,28 @@ class Selection:
                           f"up (samples_backpropagated records it); to avoid it, choose frac and trainer.batch_size "
                           f"so that frac x batch_size divides by {world}")
         return cls(cfg.frac, cfg.criterion, scored, kept, cfg.seed, t.selection_scope, device, world,
-                   distributed.rank())
+                   distributed.rank(), exit_block(cfg.exit_layer, depth), t.batch_mode, cfg.selection.start,
+                   cfg.selection.end, cfg.selection.every)
+
+    @property
+    def plain(self) -> int:
+        """Rows a step that does not select back-propagates: all it drew, or with batch_mode=updated the B it
+        would have kept (the first B of those drawn), as vanilla's step."""
+        return self.scored if self.batch_mode == "scored" else self.kept
+
+    def selects(self, progress: Optional[float], step: int) -> bool:
+        """Whether step `step` scores and selects, at `progress` (the share of the budget spent, in the schedule's
+        unit; None when the budget has no end in it, which the config allows only for the whole-run window).
+        Vanilla never does."""
+        inside = progress is None or self.start <= progress and (progress < self.end or self.end >= 1)
+        return self.frac < 1 and inside and step % self.every == 0
+
+    @property
+    def kinds(self) -> tuple[bool, ...]:
+        """The kinds of step this run takes (True: one that selects), each counted and compiled before training."""
+        if self.frac >= 1:
+            return (False,)
+        return (True,) if (self.start, self.end, self.every) == (0, 1, 1) else (True, False)
 
     @property
     def gathered(self) -> bool:
@@ -248,11 +275,13 @@ class Selection:
 
 
 def train_step(model, score_fn: Callable, batch: dict, optimizer: Optional[torch.optim.Optimizer],
-               scaler: torch.amp.GradScaler, autocast, sel: Selection, step: int) -> tuple[Tensor, Optional[Tensor]]:
+               scaler: torch.amp.GradScaler, autocast, sel: Selection, step: int,
+               selecting: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """One step: score -> select -> update. Returns the loss and, when scored, (sum of scores, sum kept).
-    Without an optimizer, the pass stops after the backward (counting FLOPs, compiling)."""
+    A step outside the selection schedule (`selecting` false) is vanilla's. Without an optimizer, the pass stops
+    after the backward (counting FLOPs, compiling)."""
     score_sums = None
-    if sel.frac < 1:  # vanilla never scores
+    if selecting and sel.frac < 1:  # vanilla, and a step the schedule leaves out, never scores
         scores = features = None
         if sel.criterion != "random":
             with autocast():
@@ -266,6 +295,8 @@ def train_step(model, score_fn: Callable, batch: dict, optimizer: Optional[torch
         if sel.gathered:
             batch = {k: distributed.all_gather(v) for k, v in batch.items()}
         batch = take(batch, sel.share(keep))
+    elif sel.plain < sel.scored:  # batch_mode=updated: B of the rows drawn, a static slice
+        batch = {k: v[:sel.plain] for k, v in batch.items()}
     with autocast():
         loss = model(batch)  # the model's (or DDP's) call is its training loss
     scaler.scale(loss).backward()  # fp16: scaled, so that small gradients do not flush to zero
@@ -318,14 +349,19 @@ class Step:
     scaler: torch.amp.GradScaler
     autocast: Callable
     sel: Selection
-    flops: int = 0  # model FLOPs of one step (FlopCounterMode)
+    flops: dict = field(default_factory=dict)  # model FLOPs of one step of each kind (True: selecting)
     compiled: bool = False
     cuda_graphs: bool = False  # every compiled graph replayed as a CUDA graph
     compile_time_s: float = 0.0
 
-    def __call__(self, batch: dict, step: int, update: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    def __call__(self, batch: dict, step: int, update: bool = True, selecting: bool = True
+                 ) -> tuple[Tensor, Optional[Tensor]]:
         return train_step(self.model, self.score, batch, self.optimizer if update else None, self.scaler,
-                          self.autocast, self.sel, step)
+                          self.autocast, self.sel, step, selecting)
+
+    def flops_of(self, steps: int, selected: int) -> int:
+        """Model FLOPs of `steps` steps of which `selected` selected."""
+        return selected * self.flops.get(True, 0) + (steps - selected) * self.flops.get(False, 0)
 
 
 def prepare_step(model, cfg, optimizer, scaler: torch.amp.GradScaler, sel: Selection, autocast, batch: dict,
@@ -333,9 +369,10 @@ def prepare_step(model, cfg, optimizer, scaler: torch.amp.GradScaler, sel: Selec
     """The run's step, ready before the clock starts: its FLOPs counted once on a batch, then compiled if
     trainer.compile asks (auto: on CUDA); neither changes any state."""
     core = distributed.unwrap(model)
-    run_step = Step(model, scorer(core, cfg.exit_layer, cfg.criterion), optimizer, scaler, autocast, sel)
-    with restored(core, optimizer):
-        run_step.flops = count_flops(functools.partial(run_step, batch, step, update=False))
+    run_step = Step(model, scorer(core, sel.exit_layer, cfg.criterion), optimizer, scaler, autocast, sel)
+    for selecting in sel.kinds:
+        with restored(core, optimizer):
+            run_step.flops[selecting] = count_flops(functools.partial(run_step, batch, step, False, selecting))
     asked = str(cfg.trainer.compile).lower()
     if asked == "true" or (asked == "auto" and device.type == "cuda"):
         run_step = compile_step(run_step, cfg, batch, step, device)
@@ -367,10 +404,11 @@ def compile_step(eager: Step, cfg, batch: dict, step: int, device: torch.device)
     log.info("compiling the step (torch.compile, mode %s) before the training clock starts", mode or "default")
     try:
         compiled = dataclasses.replace(eager, model=compile_fn(eager.model), compiled=True,
-                                       score=scorer(core, cfg.exit_layer, cfg.criterion, compile_fn))
-        for _ in range(3 if graphs else 1):  # CUDA graphs record on a later call
+                                       score=scorer(core, eager.sel.exit_layer, cfg.criterion, compile_fn))
+        # each kind of step the schedule takes (its own shapes: its own graphs), so none compiles on the clock
+        for selecting, _ in itertools.product(eager.sel.kinds, range(3 if graphs else 1)):  # CUDA graphs record late
             with restored(core, eager.optimizer):
-                compiled(batch, step, update=False)
+                compiled(batch, step, False, selecting)
         synchronize(device)
     except torch.cuda.OutOfMemoryError:  # the batch, not the compiler: eager would run out too
         raise
@@ -496,6 +534,8 @@ class TrainState:
     step: int = 0
     samples_seen: int = 0
     samples_backpropagated: int = 0
+    selected_steps: int = 0  # steps that selected (the schedule may leave some out)
+    samples_scored: int = 0  # samples through the cheap pass
     train_time_s: float = 0.0
     data_time_s: float = 0.0
     lost_time_s: float = 0.0  # training time thrown away by kills, after their last checkpoint
@@ -556,7 +596,7 @@ class Training:
         """Ready to train: the selection, optimizer, gradient scaler and state (a checkpoint's, or fresh), the
         model wrapped for several processes, this process's validation shard, and the data workers' gate."""
         t, world, rank = cfg.trainer, distributed.world(), distributed.rank()
-        self.sel = Selection.for_run(cfg, device)
+        self.sel = Selection.for_run(cfg, device, model.depth)
         if data.num_train < self.sel.scored * world:
             raise ConfigError(f"trainer.batch_size draws {self.sel.scored * world} samples per step but the training "
                               f"set has {data.num_train}; use a smaller batch or more data")
@@ -565,6 +605,10 @@ class Training:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.scaler = grad_scaler_for(t.precision, device)
         self.state = restore(model, self.optimizer, self.scaler, resumed, checkpointer, device)
+        if resumed and "selected_steps" not in resumed[1]["train_state"] and self.sel.frac < 1:
+            # saved before selection schedules: every step it took selected
+            self.state.selected_steps = self.state.step
+            self.state.samples_scored = self.state.samples_seen if self.sel.criterion != "random" else 0
         here = f"{accelerator(device)} x{world}"
         if self.state.ran_on[-1:] != [here]:
             self.state.ran_on.append(here)
@@ -586,32 +630,44 @@ class Training:
                         "samples": t.max_steps * t.batch_size if t.max_steps else None}[t.schedule_unit]
         self.step_fn: Optional[Step] = None  # prepare() sets it
         self.peak = peak_flops(device)
-        self.marks = (self.state.step, self.state.train_time_s)  # where the current evaluation window began
+        # where the current evaluation window began: step, selected steps, training time
+        self.marks = (self.state.step, self.state.selected_steps, self.state.train_time_s)
 
     def prepare(self, batch: dict) -> Step:
         self.step_fn = prepare_step(self.model, self.cfg, self.optimizer, self.scaler, self.sel, self.autocast,
                                     batch, self.state.step, self.device)
         return self.step_fn
 
+    def progress(self) -> float:
+        """How far training has come, in the unit the arms are compared in (trainer.schedule_unit): the agreed
+        clock's time, steps or samples back-propagated, the same on every rank."""
+        state = self.state
+        return {"steps": state.step, "samples": state.samples_backpropagated,
+                "time": self.elapsed}[self.cfg.trainer.schedule_unit]
+
     def set_lr(self) -> None:
-        """The schedule at this step's progress, in the unit the arms are compared in."""
-        t, state = self.cfg.trainer, self.state
-        progress = {"steps": state.step, "samples": state.samples_backpropagated,
-                    "time": self.elapsed}[t.schedule_unit]
-        factor = lr_factor(progress, t.warmup, self.horizon, t.scheduler)
+        """The schedule at this step's progress."""
+        t = self.cfg.trainer
+        factor = lr_factor(self.progress(), t.warmup, self.horizon, t.scheduler)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
+
+    def selects(self) -> bool:
+        """Whether this step selects, by the selection schedule at this step's progress."""
+        return self.sel.selects(self.progress() / self.horizon if self.horizon else None, self.state.step)
 
     def wall_time(self) -> float:
         return self.state.earlier_wall_time_s + time.perf_counter() - self.wall_start
 
     def throughput(self) -> dict:
         """Model TFLOP/s (and MFU on a GPU with a known peak) since the last evaluation."""
-        steps, seconds = self.state.step - self.marks[0], self.clock.total - self.marks[1]
-        self.marks = (self.state.step, self.clock.total)
+        state = self.state
+        steps, selected = state.step - self.marks[0], state.selected_steps - self.marks[1]
+        seconds = self.clock.total - self.marks[2]
+        self.marks = (state.step, state.selected_steps, self.clock.total)
         if not steps or seconds <= 0:
             return {}
-        tflops = self.step_fn.flops * steps / seconds / 1e12
+        tflops = self.step_fn.flops_of(steps, selected) / seconds / 1e12
         return {"tflops": tflops, **({"mfu": tflops * 1e12 / self.peak} if self.peak else {})}
 
     def settle_window(self) -> None:
@@ -623,8 +679,9 @@ class Training:
             return
         losses, sums = zip(*window)
         losses = distributed.all_reduce_sum(torch.stack(losses)) / world
-        sums = (distributed.all_reduce_sum(torch.stack(sums)) / world).unbind() if sums[0] is not None else sums
-        self.state.window = list(zip(losses.unbind(), sums))
+        scored = [s for s in sums if s is not None]  # the steps that scored: the same ones on every rank
+        settled = iter((distributed.all_reduce_sum(torch.stack(scored)) / world).unbind() if scored else ())
+        self.state.window = list(zip(losses.unbind(), [None if s is None else next(settled) for s in sums]))
 
     def window_scores(self) -> dict:
         """The mean score of the kept and of the dropped samples over the window's steps."""
@@ -644,6 +701,7 @@ class Training:
         losses = [loss for loss, _ in state.window]
         row = {"step": state.step, "train_time_s": self.clock.total, "wall_time_s": self.wall_time(),
                "samples_seen": state.samples_seen, "samples_backpropagated": state.samples_backpropagated,
+               "samples_scored": state.samples_scored, "selected_steps": state.selected_steps,
                **evaluate(self.core, self.val, self.autocast, self.device),
                "train_loss": torch.stack(losses).mean().item() if losses else None,
                "lr": self.optimizer.param_groups[0]["lr"], "data_time_s": state.data_time_s,
@@ -728,8 +786,11 @@ class Training:
             "compiled": self.step_fn.compiled,  # false where the compile fell back to eager
             "cuda_graphs": self.step_fn.cuda_graphs,
             "compile_time_s": self.step_fn.compile_time_s,
-            "flops_per_step": self.step_fn.flops,
+            # the mean over the steps taken, of either kind: times the steps, the run's model FLOPs
+            "flops_per_step": self.step_fn.flops_of(state.step, state.selected_steps) / max(state.step, 1),
+            "selected_steps": state.selected_steps,
             "samples_seen": state.samples_seen,
+            "samples_scored": state.samples_scored,
             "samples_backpropagated": state.samples_backpropagated,
             "samples_scored_per_step": sel.scored * sel.world,
             "samples_backpropagated_per_step": sel.kept * sel.world,
@@ -781,12 +842,15 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                 batch = to_device(next(stream), device)
                 state.data_time_s += time.perf_counter() - waited
             training.set_lr()
+            selecting = training.selects()
             torch.manual_seed(seed_of(cfg.seed, "dropout", state.step, rank))  # dropout: a function of the step
-            state.window.append(step_fn(batch, state.step))
+            state.window.append(step_fn(batch, state.step, selecting=selecting))
             batch = None
             state.step += 1
             state.samples_seen += sel.scored * world
-            state.samples_backpropagated += sel.kept * world
+            state.samples_backpropagated += (sel.kept if selecting else sel.plain) * world
+            state.selected_steps += selecting
+            state.samples_scored += sel.scored * world if selecting and sel.criterion != "random" else 0
             kill_point("step", state.step)
             training.agree(stop)
             elapsed = training.elapsed

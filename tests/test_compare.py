@@ -268,6 +268,27 @@ def test_batch_mode_names_the_arm_when_not_the_default(tmp_path, capsys):
     assert "sift-loss k1 f0.5 batch=updated" in out
 
 
+def test_a_selection_schedule_names_the_arm_and_keeps_it_apart(tmp_path, capsys):
+    """Runs saved before selection schedules (no selection.* keys) selected on every step: the default."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root / f"v{seed}", [0.1, 0.5, 0.8], seed=seed,
+                  config={"selection": {"start": 0.5, "end": 0.9, "every": 2}})  # vanilla: the schedule is moot
+        sift(root / f"s{seed}", [0.1, 0.6, 0.8], seed=seed)
+        sift(root / f"d{seed}", [0.1, 0.6, 0.8], seed=seed, config={"selection": {"start": 0.0, "end": 1.0,
+                                                                                 "every": 1}})
+        sift(root / f"w{seed}", [0.1, 0.7, 0.8], seed=seed, config={"selection": {"start": 0.5, "end": 0.9,
+                                                                                 "every": 2}})
+        sift(root / f"e{seed}", [0.1, 0.7, 0.8], seed=seed, config={"selection": {"every": 3}})
+    code, out, err = sift_compare(capsys, root, "--target", 0.5, "--csv", tmp_path / "t.csv", "--out", tmp_path)
+    assert code == 0, err
+    rows = read_csv(tmp_path / "t.csv")
+    assert sorted(rows) == ["sift-loss k1 f0.5", "sift-loss k1 f0.5 [/3]", "sift-loss k1 f0.5 [0.5-0.9 /2]",
+                            "vanilla"]
+    assert all(row["setting"] == "" for row in rows.values())  # selection knobs, not a setting
+    assert "sift-loss k1 f0.5 [0.5-0.9 /2]" in out
+
+
 def test_runs_on_different_hardware_are_kept_apart(tmp_path, capsys):
     root = tmp_path / "runs"
     h100 = {"accelerator": "NVIDIA H100 80GB HBM3", "device": "cuda"}

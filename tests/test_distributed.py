@@ -24,7 +24,9 @@ from sift_cli.train import run
 NO_DROPOUT = "model.dropout=0"
 GLOBAL = "trainer.selection_scope=global"
 CURVE_KEYS = ("val_loss", "val_acc", "train_loss", "samples_seen", "samples_backpropagated", "score_kept",
-              "score_dropped")
+              "score_dropped", "selected_steps", "samples_scored")
+# steps 2-5 of 6 in the window, one in two of them selecting: steps 2 and 4
+WINDOW = ("selection.start=0.3", "selection.every=2")
 
 
 def torchrun(*args: str, script=None, launcher=(), timeout: int = 240) -> subprocess.CompletedProcess:
@@ -58,7 +60,7 @@ def assert_same_curves(rows: list[dict], reference: list[dict]) -> None:
 def single(corpus_file, tmp_path_factory) -> dict:
     """The one-process curves the multi-process runs must reproduce (run here, in this process)."""
     root = tmp_path_factory.mktemp("single")
-    arms = {"vanilla": ["frac=1.0"], "sift": ["frac=0.5", GLOBAL]}
+    arms = {"vanilla": ["frac=1.0"], "sift": ["frac=0.5", GLOBAL], "sift-window": ["frac=0.5", GLOBAL, *WINDOW]}
     for name, extra in arms.items():
         run(make_config(tiny_overrides(corpus_file, NO_DROPOUT, *extra)), root / name)
     return {name: read_metrics(root / name) for name in arms}
@@ -85,6 +87,14 @@ def test_sift_with_global_selection_on_two_processes_matches_one(corpus_file, tm
     rows = read_metrics(tmp_path)
     assert rows[1]["score_kept"] > rows[1]["score_dropped"]  # scores were gathered from both ranks
     assert_same_curves(rows, single["sift"])
+
+
+def test_two_processes_select_on_the_steps_one_process_selects_on(corpus_file, tmp_path, single):
+    out = torchrun(*tiny_overrides(corpus_file, NO_DROPOUT, "frac=0.5", GLOBAL, *WINDOW), f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_metrics(tmp_path)
+    assert [r["selected_steps"] for r in rows] == [0, 1, 2]
+    assert_same_curves(rows, single["sift-window"])
 
 
 def test_compiled_sift_on_two_processes_matches_one_eager(corpus_file, tmp_path, single):

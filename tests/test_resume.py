@@ -33,7 +33,9 @@ SCHEDULE = ("trainer.max_steps=6", "trainer.eval_every_steps=2", "trainer.checkp
 ARMS = {"sift": ("frac=0.5",), "random": ("criterion=random",), "vanilla": ("frac=1.0",),
         "fp16": ("frac=0.5", "trainer.precision=fp16"),
         # a rate that changes at every step, and a diagnostics row at every evaluation
-        "sift-decay": ("frac=0.5", "trainer.scheduler=linear", "diagnostics.every_n_steps=2")}
+        "sift-decay": ("frac=0.5", "trainer.scheduler=linear", "diagnostics.every_n_steps=2"),
+        # vanilla steps 0-2, selecting steps 3-5 (selection.start=0.5 of 6 steps)
+        "sift-window": ("frac=0.5", "selection.start=0.5")}
 RESNET = ("model=resnet18", "data=digits", "data.image_size=8", "data.max_val_samples=32", "data.num_workers=2",
           "trainer.batch_size=8", "trainer.max_time_s=null", "trainer.eval_every_s=null", "trainer.eval_batch_size=16",
           "trainer.schedule_unit=steps", "trainer.warmup=2", "logger=none", *SCHEDULE)
@@ -172,9 +174,11 @@ def interrupt_and_resume(run_dir: Path, args: list[str], interruptions: list[str
     # update, not the next one's); the diagnostics of step 4 are made before it stops
     ("sift-decay", ["SIGUSR1:4"]),
     ("sift", ["step:3", "step:3"]),  # the second process dies before a checkpoint: the first's toll still counts
+    ("sift-window", ["step:3"]),  # resumed from step 2, before the window opens, into it
 ], ids=["random-killed-before-rename", "vanilla-killed-before-any-checkpoint-then-mid-metrics-line",
         "resnet-workers-preempted-then-killed", "fp16-killed-after-a-checkpoint",
-        "sift-decaying-preempted-at-an-evaluation", "sift-killed-twice-between-two-checkpoints"])
+        "sift-decaying-preempted-at-an-evaluation", "sift-killed-twice-between-two-checkpoints",
+        "sift-window-killed-across-its-edge"])
 def test_interrupted_and_resumed_run_is_bit_identical(arm, interruptions, reference, corpus_file, tmp_path):
     interrupt_and_resume(tmp_path, overrides(arm, corpus_file), interruptions)
     assert_same_run(reference(arm), tmp_path)

@@ -114,12 +114,12 @@ def test_uneven_shares_warn_only_where_the_back_propagated_count_changes(monkeyp
     monkeypatch.setattr(distributed, "world", lambda: 2)
     cpu = torch.device("cpu")
     with pytest.warns(UserWarning, match=re.escape("back-propagates 2 x 2 of 8 rows a step, not 3 of 8")):
-        Selection.for_run(make_config(["frac=0.3", "trainer.batch_size=8"]), cpu)
+        Selection.for_run(make_config(["frac=0.3", "trainer.batch_size=8"]), cpu, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Selection.for_run(make_config(["frac=0.5", "trainer.batch_size=8"]), cpu)  # 2 x 2 = ceil(0.5 x 8)
+        Selection.for_run(make_config(["frac=0.5", "trainer.batch_size=8"]), cpu, 2)  # 2 x 2 = ceil(0.5 x 8)
         # batch=updated back-propagates batch_size rows whatever the shares: only the scored count rounds
-        Selection.for_run(make_config(["frac=0.3", "trainer.batch_size=8", "trainer.batch_mode=updated"]), cpu)
+        Selection.for_run(make_config(["frac=0.3", "trainer.batch_size=8", "trainer.batch_mode=updated"]), cpu, 2)
 
 
 ORPHANED = """
