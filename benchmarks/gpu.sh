@@ -2,8 +2,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # SIFT on one GPU within one device call (at most 10 min): the step cost of BERT-base at 256x128 eager
 # and compiled under CUDA graphs (host syncs, GPU kernel time and busy share, MFU, the kernels outside matrix
 # products, whether the compiled step trains as the eager one), then a time-to-accuracy race of vanilla,
-# SIFT and random under CUDA graphs, one seed after another until the budget runs out (each seed's report
-# is complete). The first line brings hydra-core, omegaconf and antlr4 from the wheels in .whl/ (the lent
+# SIFT (from step 0, and with selection windows), random, exact and Composer's SelectiveBackprop under CUDA
+# graphs, one seed after another until the budget runs out (each seed's report is complete). The first line brings hydra-core, omegaconf and antlr4 from the wheels in .whl/ (the lent
 # machine lacks them; `pip download` them, see benchmarks/README.md); the repo is the working directory.
 #
 #   bash benchmarks/gpu.sh [all|step|race|big|autotune]   all (default): step, then race; big: BERT-base at
@@ -11,7 +11,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #                            max-autotune (tuned GEMMs, GELU fusable into them: does MFU pass 0.40? minutes)
 #   GPU_BUDGET_S=550         seconds this call may take in all (the device tool's limit is 600 per call)
 #   RACE_SET="trainer.compile=false trainer.compile_mode=null"   overrides for every run of the race (this one
-#                            races eagerly, as results/gpu-h200/ did); RACE_CORPUS_MB=100: the race's corpus
+#                            races eagerly, as results/gpu-h200/ did); RACE_CORPUS_MB=100: the race's corpus;
+#                            RACE_ARMS=vanilla,sift-loss,random: the arms raced (time_to_accuracy.py's names)
 #   GPU_DRY=1 OUT=/tmp/out PATH=$PWD/.venv/bin:$PATH bash -c 'sed 1d benchmarks/gpu.sh | bash -s -- all'
 #       a rehearsal on the CPU with bert_tiny and tiny batches: every command runs, in a few minutes
 set -euo pipefail
@@ -37,7 +38,10 @@ autotune=(--model bert:256x128 --exits 1 --fracs 0.5 --reps 1 --warmup 3 --steps
 # first plateau in 40 s) on this machine's Python sources, more than a race can memorise (see tta_gpu.yaml)
 corpus_file=/tmp/race-corpus.txt corpus_mb=${RACE_CORPUS_MB:-100}
 race=("data.paths=[$corpus_file]" ${RACE_SET:-})
-race_args=(--experiment tta_gpu --arms vanilla,sift-loss,random --lrs 1e-3)
+# the arms of the selection-window race (README: When to select): SIFT from step 0, after a tenth of the budget and
+# in Composer's window, Composer's SelectiveBackprop itself, and the exact loss; RACE_ARMS=... to choose
+race_args=(--experiment tta_gpu --arms "${RACE_ARMS:-vanilla,sift-loss,random,sift-loss-w0.1,sift-loss-w0.5-0.9-every2,composer,exact}"
+           --lrs 1e-3)
 if [[ -n "${GPU_DRY:-}" ]]; then  # the same commands on the CPU, small enough to finish in minutes
   step=(--model bert_tiny:4x32 --exits 1 --fracs 0.5 --reps 2 --warmup 1 --steps 2 --max-profiles 0
         --compile off,reduce-overhead --diagnose --device cpu)

@@ -1,4 +1,5 @@
-"""Time to accuracy: vanilla, SIFT (loss, entropy), random and exact selection on equal wall-clock budgets.
+"""Time to accuracy: vanilla, SIFT (loss, entropy; with selection windows), random, exact selection and Composer's
+SelectiveBackprop on equal wall-clock budgets.
 
 Every run is the real CLI, `python -m sift_cli.train --multirun experiment=EXPERIMENT ...`, one job per
 call, with `logger=none` and its own folder under --runs-dir. Two stages:
@@ -43,6 +44,12 @@ ARMS = {
     "sift-entropy": ["frac=0.5", "criterion=entropy", "exit_layer=1"],
     "random": ["frac=0.5", "criterion=random"],
     "exact": ["frac=0.5", "criterion=loss", "exit_layer={depth}"],
+    # when to select (README: When to select): vanilla steps for the first tenth of the budget, then SIFT
+    "sift-loss-w0.1": ["frac=0.5", "criterion=loss", "exit_layer=1", "selection.start=0.1"],
+    # SIFT in Composer's window: 50-90% of the budget, every second step
+    "sift-loss-w0.5-0.9-every2": ["frac=0.5", "criterion=loss", "exit_layer=1", "selection.start=0.5",
+                                  "selection.end=0.9", "selection.every=2"],
+    "composer": ["arm=composer"],  # Composer's SelectiveBackprop at its defaults: the exact loss, its rule, window
 }
 
 
@@ -194,7 +201,8 @@ def described(node) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="tta_docstrings", help="conf/experiment file: the shared setup")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
+    parser.add_argument("--arms", default="vanilla,sift-loss,sift-entropy,random,exact",
+                        help=f"comma-separated, of: {', '.join(ARMS)}")
     parser.add_argument("--lrs", default="1e-3,2e-3", help="rates swept per arm (one rate: no sweep)")
     parser.add_argument("--sweep-budget", type=float, help="training seconds per sweep run (default: half "
                                                            "the comparison's trainer.max_time_s)")

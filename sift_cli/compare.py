@@ -42,8 +42,9 @@ IGNORED = {"seed", "name", "tags", "targets", "trainer.progress", "trainer.devic
            "trainer.keep_checkpoints"}
 IGNORED_PREFIXES = ("logger.", "hydra.", "diagnostics.")  # probing pauses the clock and changes nothing
 # the selection knobs, and the ones each method uses: frac=1.0 is vanilla whatever criterion says
-# the selection schedule's keys, at the values a run saved before they existed trained with (every step selected)
-SCHEDULE = {"selection.start": 0.0, "selection.end": 1.0, "selection.every": 1}
+SCHEDULE = ("selection.start", "selection.end", "selection.every")  # when to select
+# keys added since runs were first recorded, at the values a run saved before them trained with
+ADDED_KEYS = {"selection.start": 0.0, "selection.end": 1.0, "selection.every": 1, "trainer.accumulate": 1}
 SELECTION = ("frac", "exit_layer", "criterion", "trainer.batch_mode", "trainer.selection_scope", *SCHEDULE)
 USED_KNOBS = {"vanilla": (), "random": ("frac", "trainer.batch_mode", *SCHEDULE)}
 # criterion: in the name
@@ -193,8 +194,8 @@ def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict
     Keys in `tuned` (e.g. a learning rate each arm chose for itself) are left out of the setting, so
     each arm is compared with vanilla at vanilla's own value."""
     s = run.summary
-    flat = flat_config(s["config"])
-    knobs = {k: flat.get(k, SCHEDULE.get(k)) for k in USED_KNOBS.get(s["method"], SIFT_KNOBS)}
+    flat = {**ADDED_KEYS, **flat_config(s["config"])}
+    knobs = {k: flat.get(k) for k in USED_KNOBS.get(s["method"], SIFT_KNOBS)}
     setting = {k: v for k, v in flat.items() if shapes_training(k) and k not in tuned}
     # the choice names and what the run actually ran on (the config may say "auto")
     setting.update({k: s.get(k) for k in RAN_ON})
@@ -241,7 +242,7 @@ def name_groups(groups: list[Group]) -> None:
     for g in groups:
         parts = [g.method] + [f"{short}{g.knobs[k]:g}" for k, short in (("exit_layer", "k"), ("frac", "f"))
                               if k in g.knobs]
-        if schedule := schedule_parts(*(g.knobs.get(k, default) for k, default in SCHEDULE.items())):
+        if SCHEDULE[0] in g.knobs and (schedule := schedule_parts(*(g.knobs[k] for k in SCHEDULE))):
             parts.append(f"[{' '.join(schedule)}]")  # e.g. [0.5-0.9 /2]: selecting in half of 50-90% of the run
         for key, (short, default) in NAMED_KNOBS.items():
             value = g.knobs.get(key)

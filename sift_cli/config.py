@@ -74,6 +74,7 @@ def first_line(err: BaseException) -> str:
 class TrainerConfig:
     batch_size: int = MISSING
     batch_mode: str = MISSING  # scored: B samples scored per step; updated: B samples back-propagated
+    accumulate: int = 1  # micro-batches a step's update runs in (gradient accumulation)
     max_steps: Optional[int] = MISSING
     max_time_s: Optional[float] = MISSING
     eval_every_steps: Optional[int] = MISSING
@@ -217,6 +218,9 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
     for key in ("batch_size", "eval_batch_size"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}={t[key]} must be a positive number of samples")
+    if t.accumulate < 1:
+        raise ConfigError(f"trainer.accumulate={t.accumulate} must be a whole number >= 1 (micro-batches per step; "
+                          f"1: no accumulation)")
     check_optimizer(t.optimizer)
     if str(t.resume) not in ("auto", "never") and not Path(t.resume).expanduser().is_dir():
         raise ConfigError(f"trainer.resume={t.resume} is not a folder; name a run's checkpoints/step-N folder, or "

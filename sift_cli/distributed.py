@@ -8,6 +8,7 @@ submitit's helper, which exports the same variables); nothing assumes one node.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -108,6 +109,11 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def no_sync(model) -> contextlib.AbstractContextManager:
+    """DDP's gradient reduction held back (a micro-batch that is not a step's last); nothing in one process."""
+    return model.no_sync() if world() > 1 else contextlib.nullcontext()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -211,6 +211,7 @@ class Selection:
     start: float = 0.0
     end: float = 1.0
     every: int = 1
+    micro: int = 1  # micro-batches a step's update runs in (trainer.accumulate)
 
     @classmethod
     def for_run(cls, cfg, device: torch.device, depth: int) -> "Selection":
@@ -227,9 +228,13 @@ class Selection:
                           f" rows a step, not {whole[1]} of {whole[0]}: every process takes an equal share, rounded "
                           f"up (samples_backpropagated records it); to avoid it, choose frac and trainer.batch_size "
                           f"so that frac x batch_size divides by {world}")
+        if kept < t.accumulate:
+            raise ConfigError(f"trainer.accumulate={t.accumulate} splits the {kept} rows a process back-propagates "
+                              f"per step into more micro-batches than rows; use trainer.accumulate={kept} or less, "
+                              f"or a larger trainer.batch_size")
         return cls(cfg.frac, cfg.criterion, scored, kept, cfg.seed, t.selection_scope, device, world,
                    distributed.rank(), exit_block(cfg.exit_layer, depth), t.batch_mode, cfg.selection.start,
-                   cfg.selection.end, cfg.selection.every)
+                   cfg.selection.end, cfg.selection.every, t.accumulate)
 
     @property
     def plain(self) -> int:
@@ -278,8 +283,10 @@ def train_step(model, score_fn: Callable, batch: dict, optimizer: Optional[torch
                scaler: torch.amp.GradScaler, autocast, sel: Selection, step: int,
                selecting: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """One step: score -> select -> update. Returns the loss and, when scored, (sum of scores, sum kept).
-    A step outside the selection schedule (`selecting` false) is vanilla's. Without an optimizer, the pass stops
-    after the backward (counting FLOPs, compiling)."""
+    A step outside the selection schedule (`selecting` false) is vanilla's. Selection is over the whole batch;
+    with trainer.accumulate the kept rows are back-propagated in that many micro-batches, each weighted by its
+    share of the rows, so the gradient is the whole batch's. Without an optimizer, the pass stops after the
+    backward (counting FLOPs, compiling)."""
     score_sums = None
     if selecting and sel.frac < 1:  # vanilla, and a step the schedule leaves out, never scores
         scores = features = None
@@ -297,16 +304,31 @@ def train_step(model, score_fn: Callable, batch: dict, optimizer: Optional[torch
         batch = take(batch, sel.share(keep))
     elif sel.plain < sel.scored:  # batch_mode=updated: B of the rows drawn, a static slice
         batch = {k: v[:sel.plain] for k, v in batch.items()}
-    with autocast():
-        loss = model(batch)  # the model's (or DDP's) call is its training loss
-    scaler.scale(loss).backward()  # fp16: scaled, so that small gradients do not flush to zero
+    total, parts = rows(batch), sel.micro
+    for i, part in enumerate(micro_batches(batch, parts)):
+        with distributed.no_sync(model) if i < parts - 1 else contextlib.nullcontext():  # reduce once, at the last
+            with autocast():
+                part_loss = model(part)  # the model's (or DDP's) call is its training loss
+            if parts > 1:
+                part_loss = part_loss * (rows(part) / total)
+            scaler.scale(part_loss).backward()  # fp16: scaled, so that small gradients do not flush to zero
+        loss = part_loss.detach() if i == 0 else loss + part_loss.detach()
     if optimizer is not None:
         scaler.step(optimizer)  # fp16: unscaled, and skipped when a gradient overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
     # a copy: under CUDA graphs (compile_mode=reduce-overhead) the next replay overwrites the graph's output,
     # and the window keeps losses until an evaluation
-    return loss.detach().clone(), score_sums
+    return loss.clone(), score_sums
+
+
+def micro_batches(batch: dict, parts: int) -> list[dict]:
+    """The batch in `parts` consecutive slices whose sizes differ by one row at most (static: a function of the
+    row count alone)."""
+    if parts == 1:
+        return [batch]
+    split = {k: v.tensor_split(parts) for k, v in batch.items()}
+    return [{k: v[i] for k, v in split.items()} for i in range(parts)]
 
 
 def scorer(model, exit_layer: int, criterion: str, compile_fn: Optional[Callable] = None) -> Callable:

@@ -269,14 +269,16 @@ def test_batch_mode_names_the_arm_when_not_the_default(tmp_path, capsys):
 
 
 def test_a_selection_schedule_names_the_arm_and_keeps_it_apart(tmp_path, capsys):
-    """Runs saved before selection schedules (no selection.* keys) selected on every step: the default."""
+    """Runs saved before selection schedules and accumulation (no selection.* keys, no trainer.accumulate) selected
+    on every step in one batch: the defaults, with which they are pooled."""
     root = tmp_path / "runs"
     for seed in (0, 1):
         write_run(root / f"v{seed}", [0.1, 0.5, 0.8], seed=seed,
                   config={"selection": {"start": 0.5, "end": 0.9, "every": 2}})  # vanilla: the schedule is moot
         sift(root / f"s{seed}", [0.1, 0.6, 0.8], seed=seed)
         sift(root / f"d{seed}", [0.1, 0.6, 0.8], seed=seed, config={"selection": {"start": 0.0, "end": 1.0,
-                                                                                 "every": 1}})
+                                                                                 "every": 1},
+                                                                   "trainer": {"accumulate": 1}})
         sift(root / f"w{seed}", [0.1, 0.7, 0.8], seed=seed, config={"selection": {"start": 0.5, "end": 0.9,
                                                                                  "every": 2}})
         sift(root / f"e{seed}", [0.1, 0.7, 0.8], seed=seed, config={"selection": {"every": 3}})

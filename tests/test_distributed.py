@@ -89,6 +89,14 @@ def test_sift_with_global_selection_on_two_processes_matches_one(corpus_file, tm
     assert_same_curves(rows, single["sift"])
 
 
+def test_micro_batches_on_two_processes_match_one_process(corpus_file, tmp_path, single):
+    """trainer.accumulate=2 under DDP (the first micro-batch under no_sync): the one-process, one-batch curve."""
+    out = torchrun(*tiny_overrides(corpus_file, NO_DROPOUT, "frac=0.5", GLOBAL, "trainer.accumulate=2"),
+                   f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_curves(read_metrics(tmp_path), single["sift"])
+
+
 def test_two_processes_select_on_the_steps_one_process_selects_on(corpus_file, tmp_path, single):
     out = torchrun(*tiny_overrides(corpus_file, NO_DROPOUT, "frac=0.5", GLOBAL, *WINDOW), f"hydra.run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]

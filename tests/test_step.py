@@ -19,6 +19,7 @@ import torch
 from conftest import make_config, sift_train, tiny_overrides
 from sift_cli import distributed, hardware, trainer
 from sift_cli.config import ConfigError
+from sift_cli.models.bert import BertMLM
 from sift_cli.records import read_metrics
 from sift_cli.train import run
 from sift_cli.trainer import (Clock, Gate, Request, Selection, Training, autocast_for, batch_stream, grad_scaler_for,
@@ -373,3 +374,28 @@ def test_the_offline_wandb_hint_names_the_folder_wandb_sync_wants_quoted(corpus_
 def test_the_step_budget_and_the_math_of_kept_rows(corpus_file, tmp_path):
     summary = run(make_config(tiny_overrides(corpus_file, "frac=0.3")), tmp_path)
     assert summary["samples_backpropagated_per_step"] == math.ceil(0.3 * 8)
+
+
+@pytest.mark.parametrize("arm", ["frac=1.0", "frac=0.5"])
+def test_micro_batches_train_as_one_batch(arm, corpus_file, tmp_path, monkeypatch):
+    """trainer.accumulate=2: the update in two micro-batches of the rows kept (selected over the whole batch),
+    one optimizer step; the curve is the one-batch run's to floating-point summation order."""
+    calls = []
+    loss = BertMLM.loss
+    monkeypatch.setattr(BertMLM, "loss", lambda self, batch: calls.append(len(batch["input_ids"])) or loss(self, batch))
+    overrides = tiny_overrides(corpus_file, arm, "model.dropout=0")
+    run(make_config(overrides), tmp_path / "whole")
+    whole, calls[:] = list(calls), []
+    run(make_config([*overrides, "trainer.accumulate=2"]), tmp_path / "micro")
+    rows = 8 if arm == "frac=1.0" else 4
+    assert whole == [rows] * 7 and calls == [rows // 2] * 14  # 6 steps and the FLOP count, whole or in halves
+    curves = [[(r["val_loss"], r["train_loss"] or 0.0) for r in read_metrics(tmp_path / d)] for d in ("whole", "micro")]
+    assert curves[1] == [pytest.approx(point, rel=1e-5) for point in curves[0]]
+
+
+def test_more_micro_batches_than_rows_is_one_line(corpus_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.accumulate=5 splits the 4 rows a process back-propagates per "
+                                          r"step into more micro-batches than rows; use trainer.accumulate=4 or less"):
+        run(make_config(tiny_overrides(corpus_file, "frac=0.5", "trainer.accumulate=5")), tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.accumulate=0 must be a whole number >= 1"):
+        run(make_config(tiny_overrides(corpus_file, "trainer.accumulate=0")), tmp_path)
