@@ -1,6 +1,7 @@
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (CohereConfig, CohereForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from sift_cli.config import ConfigError
 from sift_cli.models.decoder import CausalLM
@@ -146,9 +147,13 @@ def test_bad_values_are_one_line_errors(tmp_path):
     from transformers import BertConfig, BertModel
     BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    # Cohere multiplies its logits by a scale: the blocks are found, but the exit would not be the model's own
+    CohereForCausalLM(CohereConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, logit_scale=0.5)).save_pretrained(tmp_path / "cohere")
     (tmp_path / "empty").mkdir()
     for folder, message in (("empty", "could not be loaded as a causal language model"),
-                            ("bert", "is a BertLMHeadModel \\(bert\\) whose decoder blocks")):
+                            ("bert", "is a BertLMHeadModel \\(bert\\) whose decoder blocks"),
+                            ("cohere", "blocks, run one by one, do not reproduce its own logits")):
         with pytest.raises(ConfigError, match=message) as err:
             CausalLM(VOCAB, LENGTH, pretrained=str(tmp_path / folder))
         assert "\n" not in str(err.value)

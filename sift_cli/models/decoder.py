@@ -26,8 +26,9 @@ from sift_cli.selection import prediction_scores
 
 ARCHS = ("gpt2", "llama")
 EXIT_HEADS = ("lens", "tuned")
-FINAL_NORMS = ("ln_f", "norm", "final_layer_norm")       # GPT-2; Llama, Qwen2, Mistral; GPT-NeoX
-EMBEDDING_DROPOUTS = ("drop", "emb_dropout")             # GPT-2; GPT-NeoX (Llama has none)
+SUPPORTED = "GPT-2, GPT-NeoX (Pythia), Llama, Mistral, Qwen2, Gemma, Phi and their likes"
+FINAL_NORMS = ("ln_f", "norm", "final_layer_norm", "final_layernorm")  # GPT-2; Llama, Qwen2; GPT-NeoX; Phi
+EMBEDDING_DROPOUTS = ("drop", "emb_dropout", "embed_dropout")  # GPT-2; GPT-NeoX; Phi (Llama has none)
 
 
 def load_pretrained(path: str) -> nn.Module:
@@ -121,7 +122,7 @@ class CausalLM(nn.Module):
         name = f"{type(self.lm).__name__} ({self.lm.config.model_type})"
         if None in (self._parts["blocks"], self._parts["norm"], self.lm.get_output_embeddings()):
             raise ConfigError(f"{what} is a {name} whose decoder blocks, final norm or LM head sift-train cannot "
-                              f"find; supported: GPT-2, Llama, Qwen2, Mistral, GPT-NeoX and their likes")
+                              f"find; supported: {SUPPORTED}")
         ids = torch.arange(min(8, self.max_length or 8)).unsqueeze(0) % self.lm.config.vocab_size
         ids = ids.to(self.lm.device)
         with torch.no_grad(), self.scoring_mode():
@@ -129,7 +130,7 @@ class CausalLM(nn.Module):
             ours = self._logits(self._hidden(ids, self.depth)[-1], self.depth)
         if not torch.allclose(own, ours, rtol=1e-4, atol=1e-4 * own.abs().max().item()):
             raise ConfigError(f"{what} is a {name} whose blocks, run one by one, do not reproduce its own logits; "
-                              f"supported: GPT-2, Llama, Qwen2, Mistral, GPT-NeoX and their likes")
+                              f"supported: {SUPPORTED}")
 
     def _part(self, name: str) -> Optional[nn.Module]:
         found = self._parts[name]
