@@ -157,3 +157,5 @@ def test_bad_values_are_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=message) as err:
             CausalLM(VOCAB, LENGTH, pretrained=str(tmp_path / folder))
         assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="has 60 token embeddings but the data's tokenizer has 100 tokens"):
+        CausalLM(100, LENGTH, pretrained=str(neox_folder(tmp_path / "neox")))

@@ -91,9 +91,6 @@ class CausalLM(nn.Module):
             arch, vocab_size, num_layers, hidden_size, num_heads, num_kv_heads, intermediate_size, max_position,
             dropout)
         config, base = self.lm.config, self.lm.base_model
-        if pretrained and vocab_size > config.vocab_size:
-            raise ConfigError(f"model.pretrained={pretrained} has {config.vocab_size:,} token embeddings but the data's "
-                              f"tokenizer has {vocab_size:,} tokens; use the tokenizer of the same folder")
         self.depth = config.num_hidden_layers
         self.max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         # the pieces of the model's own forward, by the names transformers' decoders give them (names, not
@@ -114,6 +111,9 @@ class CausalLM(nn.Module):
                 nn.init.eye_(t.weight)
                 nn.init.zeros_(t.bias)
         self._check_blocks(pretrained)
+        if pretrained and vocab_size > config.vocab_size:
+            raise ConfigError(f"model.pretrained={pretrained} has {config.vocab_size:,} token embeddings but the data's "
+                              f"tokenizer has {vocab_size:,} tokens; use the tokenizer of the same folder")
 
     def _check_blocks(self, pretrained: Optional[str]) -> None:
         """The blocks run one by one must give the model's own logits: an architecture that prepares its
