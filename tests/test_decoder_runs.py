@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.config import CRITERIA, ConfigError
-from sift_cli.records import read_metrics
+from sift_cli.records import DIAGNOSTICS, read_metrics
 from sift_cli.train import run
 from test_distributed import GLOBAL, assert_same_curves, torchrun
 from test_resume import SCHEDULE, assert_same_run, interrupt_and_resume, train
@@ -47,11 +47,14 @@ def test_every_criterion_and_batch_mode_runs_and_validation_is_next_token_accura
         assert kept == (16 if mode == "updated" else 8), (criterion, mode)  # 2 steps of 8 rows, frac 0.5
 
 
-def test_tuned_exits_and_a_llama_train_through_the_app(corpus_file, tmp_path):
+def test_tuned_exits_and_a_llama_train_through_the_app_with_per_exit_diagnostics(corpus_file, tmp_path):
     for model, extra in (("llama_tiny", ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128"]),
                          ("gpt2_tiny", ["model.exit_head=tuned", "model.score_positions=8"])):
-        run(make_config(decoder(corpus_file, f"model={model}", *extra, "trainer.max_steps=3")), tmp_path / model)
+        run(make_config(decoder(corpus_file, f"model={model}", *extra, "trainer.max_steps=3",
+                                "diagnostics.every_n_steps=3")), tmp_path / model)
         assert json.loads((tmp_path / model / "summary.json").read_text())["steps"] == 3
+        [row] = read_metrics(tmp_path / model, DIAGNOSTICS)
+        assert row["spearman_k2"] == pytest.approx(1.0) and -1 <= row["spearman_k1"] <= 1  # exit 2: the exact loss
 
 
 def test_a_pretrained_folder_with_its_tokenizer_trains(corpus_file, tmp_path):
