@@ -14,7 +14,6 @@ import functools
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from sift_cli.config import ConfigError

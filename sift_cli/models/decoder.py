@@ -112,12 +112,13 @@ class CausalLM(nn.Module):
                 nn.init.zeros_(t.bias)
         self._check_blocks(pretrained)
         if pretrained and vocab_size > config.vocab_size:
-            raise ConfigError(f"model.pretrained={pretrained} has {config.vocab_size:,} token embeddings but the data's "
-                              f"tokenizer has {vocab_size:,} tokens; use the tokenizer of the same folder")
+            raise ConfigError(f"model.pretrained={pretrained} has {config.vocab_size:,} token embeddings but the "
+                              f"data's tokenizer has {vocab_size:,} tokens; use the tokenizer of the same folder")
 
     def _check_blocks(self, pretrained: Optional[str]) -> None:
         """The blocks run one by one must give the model's own logits: an architecture that prepares its
-        hidden states otherwise (scaled embeddings, ALiBi, soft-capped logits) is refused, not approximated."""
+        hidden states or logits otherwise (Cohere's scaled logits, soft-capped logits, ALiBi) is refused, not
+        approximated."""
         what = f"model.pretrained={pretrained}" if pretrained else "this model"
         name = f"{type(self.lm).__name__} ({self.lm.config.model_type})"
         if None in (self._parts["blocks"], self._parts["norm"], self.lm.get_output_embeddings()):
