@@ -16,8 +16,11 @@ def choices(group):
 def test_every_config_group_choice_composes_and_validates(group, choice):
     extra = {"data": {"text_files": ["data.paths=[a.txt]"], "hf": ["data.name=x"],
                       "image_folder": ["data.root=x", "model=resnet18"], "digits": ["model=resnet18"],
-                      "cifar10": ["model=resnet18"]},
-             "model": {"resnet18": ["data=digits"], "resnet50": ["data=digits"]},
+                      "cifar10": ["model=resnet18"], "docstrings_causal": ["model=gpt2_tiny"],
+                      "text_files_causal": ["data.paths=[a.txt]", "model=gpt2_tiny"],
+                      "hf_causal": ["data.name=x", "model=gpt2_tiny"]},
+             "model": {"resnet18": ["data=digits"], "resnet50": ["data=digits"],
+                       "causal_lm": ["model.pretrained=gpt2"]},  # a hub name: not looked up before the run
              "experiment": {"tta_gpu": ["data.paths=[a.txt]"]}}  # benchmarks/gpu.sh writes its corpus
     cfg = make_config([f"{group}={choice}", *extra.get(group, {}).get(choice, [])])
     validate(cfg)
@@ -72,7 +75,7 @@ def test_checkpoint_tokenizer_follows_model_pretrained():
     ("exit_layer=3", "exit_layer=3 is beyond bert_tiny, which has 2 blocks; choose 1..2"),
     ("model=resnet18 data=digits exit_layer=5", "exit_layer=5 is beyond resnet18, which has 4 blocks"),
     ("data.seq_len=600", "data.seq_len=600 is longer than the model's 512 positions (model.max_position)"),
-    ("model=gpt2", "model=gpt2 is not a known model; choose one of: bert, bert_large"),
+    ("model=gpt3", "model=gpt3 is not a known model; choose one of: bert, bert_large"),
     ("frac=abc", "frac=abc is not a number"),
     ("seed=1.5", "seed=1.5 is not a whole number"),
     ("trainer.deterministic=maybe", "trainer.deterministic=maybe is not true or false"),

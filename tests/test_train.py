@@ -203,7 +203,7 @@ def test_cli_warnings_of_our_own_are_one_line(corpus_file, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["model=gpt2"], "model=gpt2 is not a known model"),
+    (["model=gpt3"], "model=gpt3 is not a known model"),
     (["criterion=margin"], "criterion=margin is not allowed"),
     (["frac=1.5"], "frac=1.5 is outside (0, 1]"),
     (["exit_layer=3"], "exit_layer=3 is beyond bert_tiny, which has 2 blocks; choose 1..2"),

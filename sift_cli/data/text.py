@@ -11,7 +11,8 @@ stays bounded whatever the corpus size.
 Training sequence i is [CLS] + tokens[i*(L-2):(i+1)*(L-2)] + [SEP], read from the memory-mapped
 file (so seq_len is not part of the cache key). A batch is a pure function of (seed, step, rank)
 (sift_cli.data.order), masked like the original BERT recipe: a fixed number P of positions per row,
-80% [MASK], 10% a random token, 10% unchanged.
+80% [MASK], 10% a random token, 10% unchanged. The same token folders serve causal language
+modelling (sift_cli.data.causal): TokenData reads them, each task's batch maker shapes the batches.
 """
 
 from __future__ import annotations
@@ -285,15 +286,23 @@ def _load_wordpiece(path: Path) -> PreTrainedTokenizerFast:
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
-def _load_pretrained(name: str):
+def separator(tok) -> Optional[int]:
+    """The token between documents in the token files: [SEP] (BERT, our WordPiece), else end-of-text (GPT-2, Llama)."""
+    return tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+
+
+def _load_pretrained(name: str, task: str = "mlm"):
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as err:  # transformers raises OSError, ValueError, JSON errors, ...
         raise ConfigError(f"model.pretrained={name} could not be loaded as a tokenizer "
                           f"(a save_pretrained folder or a hub name): {first_line(err)}") from None
-    if None in (tok.cls_token_id, tok.sep_token_id, tok.mask_token_id):
+    if task == "mlm" and None in (tok.cls_token_id, tok.sep_token_id, tok.mask_token_id):
         raise ConfigError(f"model.pretrained={name} has a tokenizer without [CLS], [SEP] or [MASK] tokens; "
                           "masked-language modelling needs all three (a BERT-style checkpoint)")
+    if separator(tok) is None:
+        raise ConfigError(f"model.pretrained={name} has a tokenizer without a [SEP] or end-of-text token, which the "
+                          "token files need between documents")
     return tok
 
 
@@ -411,7 +420,7 @@ def _pieces(stream: Iterator[tuple[str, bool, int]]) -> Iterator[tuple[str, bool
 def _write_tokens(folder: Path, corpus: Corpus, tok, split_seed: int, val_fraction: float,
                   max_documents: Optional[int], max_tokens: Optional[int]) -> dict:
     """Tokenise the corpus into folder/train.bin and folder/val.bin; returns their description."""
-    dtype, sep, encode = _dtype(len(tok)), tok.sep_token_id, _encoder(tok)
+    dtype, sep, encode = _dtype(len(tok)), separator(tok), _encoder(tok)
     pieces = _pieces(_split_stream(corpus, split_seed, val_fraction, max_documents))
     counts = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in ("train", "val")}
     total, start = 0, time.perf_counter()
@@ -466,29 +475,29 @@ def _load_tokens(folder: Path, trained: bool) -> tuple[dict, Optional[PreTrained
     return meta, _load_wordpiece(folder / "tokenizer.json") if trained else None
 
 
-# --- masked batches -------------------------------------------------------------------------------
+# --- the token files, read by each task's batch maker ------------------------------------------------
 
 
-class TextData:
-    """Packed training and validation sequences on disk, masked per batch as a pure function of its arguments."""
+class TokenData:
+    """A token folder's training and validation sequences: sequence i reads `span` tokens from i*stride on.
+    Each task's batch maker (TextData here, causal.CausalData) turns them into its batches."""
 
-    task = "mlm"
+    task: str
+    text = slice(None)  # the part of a sequence that holds text (what noise_fraction replaces)
 
-    def __init__(self, folder: Path, meta: dict, tokenizer, pretrained: Optional[str], *, seq_len: int,
-                 mlm_probability: float, max_predictions: int, max_val_samples: Optional[int], split_seed: int,
-                 num_workers: int, duplicate_fraction: float, duplicate_pool: int, noise_fraction: float):
+    def __init__(self, folder: Path, meta: dict, tokenizer, pretrained: Optional[str], *, seq_len: int, span: int,
+                 stride: int, max_val_samples: Optional[int], split_seed: int, num_workers: int,
+                 duplicate_fraction: float, duplicate_pool: int, noise_fraction: float):
         self.folder, self.meta, self.seq_len, self.split_seed = Path(folder), meta, seq_len, split_seed
+        self.span, self.stride = span, stride
         self._tokenizer, self._pretrained = tokenizer, pretrained
         self.num_workers = num_workers
-        body = seq_len - 2
-        self.num_train = meta["train"]["tokens"] // body
-        self.val_index = torch.tensor(order.validation_subset(range(meta["val"]["tokens"] // body), max_val_samples,
-                                                              split_seed), dtype=torch.long)
+        self.num_train = self._count(meta["train"]["tokens"])
+        self.val_index = torch.tensor(order.validation_subset(range(self._count(meta["val"]["tokens"])),
+                                                              max_val_samples, split_seed), dtype=torch.long)
         self.num_val = len(self.val_index)
-        self.num_masked = min(round(mlm_probability * body), max_predictions)
         self.vocab_size = len(tokenizer)
         self.model_args = {"vocab_size": self.vocab_size}
-        self.cls_id, self.sep_id, self.mask_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.setting = {"duplicate_fraction": duplicate_fraction, "duplicate_pool": duplicate_pool,
                         "noise_fraction": noise_fraction}
@@ -505,7 +514,7 @@ class TextData:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = (_load_pretrained(self._pretrained) if self._pretrained
+            self._tokenizer = (_load_pretrained(self._pretrained, self.task) if self._pretrained
                                else _load_wordpiece(self.folder / "tokenizer.json"))
         return self._tokenizer
 
@@ -518,20 +527,58 @@ class TextData:
                                             s["noise_fraction"], self.split_seed, "sequences")
         return self._known
 
+    def _count(self, tokens: int) -> int:
+        return max(tokens - self.span + self.stride, 0) // self.stride
+
     def _sequences(self, split: str, index: Tensor) -> Tensor:
-        """[CLS] + tokens[i*(L-2):(i+1)*(L-2)] + [SEP] for each i in `index`, as int64 [len(index), L]."""
+        """Tokens [i*stride, i*stride + span) for each i in `index`, as int64 [len(index), span]."""
         if split not in self._mmaps:
             self._mmaps[split] = np.memmap(self.folder / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
-        body = self.seq_len - 2
-        rows = self._mmaps[split][: (len(self._mmaps[split]) // body) * body].reshape(-1, body)
-        ids = torch.empty(len(index), self.seq_len, dtype=torch.long)
-        ids[:, 0], ids[:, -1] = self.cls_id, self.sep_id
-        ids[:, 1:-1] = torch.from_numpy(rows[index.numpy()].astype(np.int64))  # reads only these rows
-        return ids
+        offsets = index.numpy()[:, None] * self.stride + np.arange(self.span)
+        return torch.from_numpy(self._mmaps[split][offsets].astype(np.int64))  # reads only these tokens
 
     def _ordinary_ids(self) -> Tensor:
         vocab = torch.arange(self.vocab_size)
         return vocab[~torch.isin(vocab, self.special_ids)]
+
+    def _training(self, index: Tensor) -> Tensor:
+        """Training sequences `index`, changed as the known-answer options say: a duplicate shows its source's
+        content, a noisy one random ordinary tokens in its text (fixed by its index)."""
+        known = self.known_answer
+        if known is None:
+            return self._sequences("train", index)
+        source, noisy = known(index)
+        ids = self._sequences("train", source)
+        ordinary = self._ordinary_ids()
+        for row in noisy.nonzero().flatten().tolist():  # few rows; each fixed by its sample index
+            g = order.seeded(self.split_seed, "noise", int(index[row]))
+            text = ids[row, self.text]
+            ids[row, self.text] = ordinary[torch.randint(len(ordinary), text.shape, generator=g)]
+        return ids
+
+
+# --- masked batches -------------------------------------------------------------------------------
+
+
+class TextData(TokenData):
+    """Packed training and validation sequences on disk, masked per batch as a pure function of its arguments."""
+
+    task = "mlm"
+    text = slice(1, -1)
+
+    def __init__(self, folder: Path, meta: dict, tokenizer, pretrained: Optional[str], *, seq_len: int,
+                 mlm_probability: float, max_predictions: int, **shared):
+        super().__init__(folder, meta, tokenizer, pretrained, seq_len=seq_len, span=seq_len - 2, stride=seq_len - 2,
+                         **shared)
+        self.num_masked = min(round(mlm_probability * (seq_len - 2)), max_predictions)
+        self.cls_id, self.sep_id, self.mask_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
+
+    def _sequences(self, split: str, index: Tensor) -> Tensor:
+        """[CLS] + tokens[i*(L-2):(i+1)*(L-2)] + [SEP] for each i in `index`, as int64 [len(index), L]."""
+        ids = torch.empty(len(index), self.seq_len, dtype=torch.long)
+        ids[:, 0], ids[:, -1] = self.cls_id, self.sep_id
+        ids[:, self.text] = super()._sequences(split, index)
+        return ids
 
     def _mask(self, ids: Tensor, generator: torch.Generator, total: int, rows) -> dict[str, Tensor]:
         """Mask exactly P positions of each row. The random draws are made for all `total` rows of the
@@ -555,17 +602,7 @@ class TextData:
         mask_labels [b, P], b = batch_size // world. The same arguments always give the same tensors."""
         rows = order.shard(batch_size, rank, world)
         index = order.global_batch(self.num_train, batch_size, seed, step)[rows]
-        known = self.known_answer
-        if known is None:
-            ids = self._sequences("train", index)
-        else:
-            source, noisy = known(index)
-            ids = self._sequences("train", source)
-            ordinary = self._ordinary_ids()
-            for row in noisy.nonzero().flatten().tolist():  # few rows; each fixed by its sample index
-                g = order.seeded(self.split_seed, "noise", int(index[row]))
-                ids[row, 1:-1] = ordinary[torch.randint(len(ordinary), (self.seq_len - 2,), generator=g)]
-        return self._mask(ids, order.seeded(seed, "mask", step), batch_size, rows)
+        return self._mask(self._training(index), order.seeded(seed, "mask", step), batch_size, rows)
 
     def val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> list[dict[str, Tensor]]:
         """This rank's validation sequences (every world-th of the validation subset, from the rank-th on), masked
@@ -592,28 +629,33 @@ class TextData:
 # --- the builders: Hydra targets whose keyword arguments are the YAML keys ------------------------
 
 
-def _check(seq_len, val_fraction, max_val_samples, mlm_probability, max_predictions, tokenizer_sample_mb,
-           max_documents, max_tokens, duplicate_fraction, duplicate_pool, noise_fraction) -> None:
-    def fail(key, value, allowed):
-        raise ConfigError(f"data.{key}={value} is not allowed; {allowed}")
+def _fail(key, value, allowed):
+    raise ConfigError(f"data.{key}={value} is not allowed; {allowed}")
 
-    if not 0 < val_fraction < 1:
-        fail("val_fraction", val_fraction, "use a fraction in (0, 1), e.g. 0.05")
+
+def _check(seq_len, mlm_probability, max_predictions) -> None:
     if seq_len < 8:
-        fail("seq_len", seq_len, "use at least 8 tokens")
+        _fail("seq_len", seq_len, "use at least 8 tokens")
     if not 0 < mlm_probability < 1:
-        fail("mlm_probability", mlm_probability, "use a fraction in (0, 1), e.g. 0.15")
-    if max_val_samples is not None and max_val_samples < 1:
-        fail("max_val_samples", max_val_samples, "use a positive number, or null for every validation sequence")
+        _fail("mlm_probability", mlm_probability, "use a fraction in (0, 1), e.g. 0.15")
     if max_predictions < 1 or round(mlm_probability * (seq_len - 2)) < 1:
-        fail("max_predictions" if max_predictions < 1 else "mlm_probability",
-             max_predictions if max_predictions < 1 else mlm_probability,
-             "each sequence needs at least one masked position")
+        _fail("max_predictions" if max_predictions < 1 else "mlm_probability",
+              max_predictions if max_predictions < 1 else mlm_probability,
+              "each sequence needs at least one masked position")
+
+
+def check_shared(val_fraction, max_val_samples, tokenizer_sample_mb, max_documents, max_tokens, duplicate_fraction,
+                 duplicate_pool, noise_fraction) -> None:
+    """The keys of every task's text data."""
+    if not 0 < val_fraction < 1:
+        _fail("val_fraction", val_fraction, "use a fraction in (0, 1), e.g. 0.05")
+    if max_val_samples is not None and max_val_samples < 1:
+        _fail("max_val_samples", max_val_samples, "use a positive number, or null for every validation sequence")
     if tokenizer_sample_mb <= 0:
-        fail("tokenizer_sample_mb", tokenizer_sample_mb, "use a positive number of MB, e.g. 64")
+        _fail("tokenizer_sample_mb", tokenizer_sample_mb, "use a positive number of MB, e.g. 64")
     for key, value in (("max_documents", max_documents), ("max_tokens", max_tokens)):
         if value is not None and value < 1:
-            fail(key, value, "use a positive number, or null for no cap")
+            _fail(key, value, "use a positive number, or null for no cap")
     check_known_answer(duplicate_fraction, duplicate_pool, noise_fraction)  # what every data choice checks
 
 
@@ -623,12 +665,27 @@ def build(corpus: Corpus, *, vocab_size: int = 8192, seq_len: int = 128, val_fra
           max_documents: Optional[int] = None, max_tokens: Optional[int] = None, num_workers: int | str = 2,
           duplicate_fraction: float = 0.0, duplicate_pool: int = 4, noise_fraction: float = 0.0,
           cache_dir: Optional[str] = None) -> TextData:
-    """Tokenise the corpus into a cached token folder (once, for every run) and serve batches from it."""
-    _check(seq_len, val_fraction, max_val_samples, mlm_probability, max_predictions, tokenizer_sample_mb,
-           max_documents, max_tokens, duplicate_fraction, duplicate_pool, noise_fraction)
-    num_workers = resolve_workers(num_workers)
+    """Tokenise the corpus into a cached token folder (once, for every run) and serve masked batches from it."""
+    _check(seq_len, mlm_probability, max_predictions)
+    check_shared(val_fraction, max_val_samples, tokenizer_sample_mb, max_documents, max_tokens, duplicate_fraction,
+                 duplicate_pool, noise_fraction)
+    folder, meta, tok = token_folder(corpus, TextData.task, vocab_size, val_fraction, split_seed, tokenizer,
+                                     tokenizer_sample_mb, max_documents, max_tokens, cache_dir)
+    data = TextData(folder, meta, tok, pretrained=tokenizer, seq_len=seq_len,
+                    mlm_probability=mlm_probability, max_predictions=max_predictions, max_val_samples=max_val_samples,
+                    split_seed=split_seed, num_workers=resolve_workers(num_workers),
+                    duplicate_fraction=duplicate_fraction, duplicate_pool=duplicate_pool, noise_fraction=noise_fraction)
+    check_size(data, corpus, meta, val_fraction)
+    data.known_answer  # built now, so that a bad combination fails before training starts
+    return data
+
+
+def token_folder(corpus: Corpus, task: str, vocab_size: int, val_fraction: float, split_seed: int,
+                 tokenizer: Optional[str], tokenizer_sample_mb: float, max_documents: Optional[int],
+                 max_tokens: Optional[int], cache_dir: Optional[str]) -> tuple[Path, dict, PreTrainedTokenizerFast]:
+    """The corpus's cached token folder, built on first use, and its tokenizer: every task reads the same one."""
     root = _cache(cache_dir)
-    pretrained = _load_pretrained(tokenizer) if tokenizer else None
+    pretrained = _load_pretrained(tokenizer, task) if tokenizer else None
     recipe = ("pretrained", _tokenizer_content(pretrained)) if pretrained else ("wordpiece", vocab_size,
                                                                                  tokenizer_sample_mb)
     # a capped folder's key marks the exact cut (earlier versions kept up to one piece more), not FORMAT: a
@@ -651,16 +708,10 @@ def build(corpus: Corpus, *, vocab_size: int = 8192, seq_len: int = 128, val_fra
 
     folder = root / "text" / f"{corpus.kind}-{key}"
     meta, trained = cached(folder, lambda f: _load_tokens(f, not pretrained), make)
-    data = TextData(folder, meta, pretrained or trained, pretrained=tokenizer, seq_len=seq_len,
-                    mlm_probability=mlm_probability, max_predictions=max_predictions, max_val_samples=max_val_samples,
-                    split_seed=split_seed, num_workers=num_workers, duplicate_fraction=duplicate_fraction,
-                    duplicate_pool=duplicate_pool, noise_fraction=noise_fraction)
-    _check_size(data, corpus, meta, val_fraction)
-    data.known_answer  # built now, so that a bad combination fails before training starts
-    return data
+    return folder, meta, pretrained or trained
 
 
-def _check_size(data: TextData, corpus: Corpus, meta: dict, val_fraction: float) -> None:
+def check_size(data: TokenData, corpus: Corpus, meta: dict, val_fraction: float) -> None:
     """Both splits need at least one sequence; say how much text that takes."""
     if data.num_train and data.num_val:
         return
@@ -668,19 +719,20 @@ def _check_size(data: TextData, corpus: Corpus, meta: dict, val_fraction: float)
     text = meta["train"]["bytes"] + meta["val"]["bytes"]
     share, split, change = ((val_fraction, "validation", "larger") if not data.num_val
                             else (1 - val_fraction, "training", "smaller"))
-    needed = (data.seq_len - 2) * text / max(tokens, 1) / share / 1e3
+    needed = data.span * text / max(tokens, 1) / share / 1e3
     raise ConfigError(
         f"{corpus.name} gives {data.num_train:,} training and {data.num_val:,} validation sequences of "
-        f"{data.seq_len} tokens: {split} needs at least {data.seq_len - 2} tokens, about {needed:,.1f} KB of text "
+        f"{data.seq_len} tokens: {split} needs at least {data.span} tokens, about {needed:,.1f} KB of text "
         f"at data.val_fraction={val_fraction} (the corpus has {text / 1e3:,.1f} KB); use more text, a shorter "
         f"data.seq_len or a {change} data.val_fraction")
 
 
-def build_settings(entry: Callable) -> Callable:
-    """A text source whose **common are build's settings, with those in its signature: the config checks
-    (sift_cli.config.check_arguments) then see every key it takes and its type."""
+def build_settings(entry: Callable, builder: Optional[Callable] = None) -> Callable:
+    """A text source whose **common are `builder`'s settings (default: build's), with those in its signature: the
+    config checks (sift_cli.config.check_arguments) then see every key it takes and its type."""
     own = inspect.signature(entry, eval_str=True)
-    shared = [p for p in inspect.signature(build, eval_str=True).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    shared = [p for p in inspect.signature(builder or build, eval_str=True).parameters.values()
+              if p.kind == p.KEYWORD_ONLY]
     entry.__signature__ = own.replace(parameters=[p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
                                       + shared)
     return entry
