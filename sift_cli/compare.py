@@ -194,7 +194,8 @@ def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict
     Keys in `tuned` (e.g. a learning rate each arm chose for itself) are left out of the setting, so
     each arm is compared with vanilla at vanilla's own value."""
     s = run.summary
-    flat = {**ADDED_KEYS, **flat_config(s["config"])}
+    # exit_layer as the run resolved it: exit_layer=depth is the model's last block
+    flat = {**ADDED_KEYS, **flat_config(s["config"]), "exit_layer": s["exit_layer"]}
     knobs = {k: flat.get(k) for k in USED_KNOBS.get(s["method"], SIFT_KNOBS)}
     setting = {k: v for k, v in flat.items() if shapes_training(k) and k not in tuned}
     # the choice names and what the run actually ran on (the config may say "auto")

@@ -282,11 +282,15 @@ def test_a_selection_schedule_names_the_arm_and_keeps_it_apart(tmp_path, capsys)
         sift(root / f"w{seed}", [0.1, 0.7, 0.8], seed=seed, config={"selection": {"start": 0.5, "end": 0.9,
                                                                                  "every": 2}})
         sift(root / f"e{seed}", [0.1, 0.7, 0.8], seed=seed, config={"selection": {"every": 3}})
+        # arm=composer: exit_layer=depth in the config, the model's last block (2) in the summary
+        write_run(root / f"c{seed}", [0.1, 0.7, 0.8], seed=seed, method="loss_proportional", frac=0.5,
+                  criterion="loss_proportional", exit_layer=2,
+                  config={"exit_layer": "depth", "selection": {"start": 0.5, "end": 0.9, "every": 2}})
     code, out, err = sift_compare(capsys, root, "--target", 0.5, "--csv", tmp_path / "t.csv", "--out", tmp_path)
     assert code == 0, err
     rows = read_csv(tmp_path / "t.csv")
-    assert sorted(rows) == ["sift-loss k1 f0.5", "sift-loss k1 f0.5 [/3]", "sift-loss k1 f0.5 [0.5-0.9 /2]",
-                            "vanilla"]
+    assert sorted(rows) == ["loss_proportional k2 f0.5 [0.5-0.9 /2]", "sift-loss k1 f0.5", "sift-loss k1 f0.5 [/3]",
+                            "sift-loss k1 f0.5 [0.5-0.9 /2]", "vanilla"]
     assert all(row["setting"] == "" for row in rows.values())  # selection knobs, not a setting
     assert "sift-loss k1 f0.5 [0.5-0.9 /2]" in out
 
