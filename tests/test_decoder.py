@@ -1,7 +1,7 @@
 import pytest
 import torch
-from transformers import (CohereConfig, CohereForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (AutoModelForCausalLM, CohereConfig, CohereForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from sift_cli.config import ConfigError
 from sift_cli.models.decoder import CausalLM
@@ -56,12 +56,18 @@ def test_the_exit_at_full_depth_is_the_models_own_labels_loss(tmp_path):
         assert torch.allclose(sums["loss_sum"] / sums["count"], reference, atol=1e-5)
 
 
-def test_a_pretrained_folder_loads_with_its_weights(tmp_path):
-    folder = neox_folder(tmp_path / "neox")
-    model = CausalLM(VOCAB, LENGTH, pretrained=str(folder))
-    saved = GPTNeoXForCausalLM.from_pretrained(folder)
-    assert model.depth == 3 and model.max_length == 64
-    assert torch.equal(model.lm.gpt_neox.embed_in.weight, saved.gpt_neox.embed_in.weight)
+def test_a_save_pretrained_folder_of_each_architecture_loads_with_its_weights(tmp_path):
+    tiny_model("gpt2").lm.save_pretrained(tmp_path / "gpt2")
+    tiny_model("llama").lm.save_pretrained(tmp_path / "llama")
+    folders = [tmp_path / "gpt2", tmp_path / "llama", neox_folder(tmp_path / "neox"), qwen2_folder(tmp_path / "qwen2")]
+    batch = causal_batch()
+    for folder in folders:
+        model = CausalLM(VOCAB, LENGTH, pretrained=str(folder)).eval()
+        saved = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert model.depth == 3 and model.max_length == 64
+        assert all(torch.equal(a, b) for a, b in zip(model.lm.state_dict().values(), saved.state_dict().values()))
+        ids = batch["input_ids"]
+        assert torch.allclose(model.loss(batch), saved(input_ids=ids, labels=ids).loss, atol=1e-5), folder.name
 
 
 def test_the_cheap_pass_at_k_runs_k_blocks(tmp_path):
