@@ -1,0 +1,100 @@
+"""SiftTrainer: a transformers Trainer that trains on the rows select() keeps, with the right loss normalisation."""
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate", reason="the [hf] extra: transformers' Trainer needs accelerate")
+from transformers import BertConfig, BertForMaskedLM, TrainingArguments  # noqa: E402
+
+from sift_cli import hf  # noqa: E402
+from sift_cli.hf import SiftTrainer  # noqa: E402
+from sift_cli.models.bert import BertMLM  # noqa: E402
+
+VOCAB, LENGTH, MASKED = 50, 16, 3
+
+
+def tiny_bert(seed: int = 0) -> BertForMaskedLM:
+    """The user's own model, built from a config; no dropout, so two runs on the same rows train alike."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertForMaskedLM(config)
+
+
+def masked_rows(n: int, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(VOCAB, (LENGTH,), generator=g),
+             "mask_positions": torch.randperm(LENGTH, generator=g)[:MASKED].sort().values,
+             "mask_labels": torch.randint(VOCAB, (MASKED,), generator=g)} for _ in range(n)]
+
+
+def arguments(tmp_path, batch: int, accumulate: int = 1, steps: int = 1, **extra) -> TrainingArguments:
+    # plain SGD without clipping: the update is the gradient itself, so a mis-scaled loss shows in the weights
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
+                    max_steps=steps, learning_rate=0.5, optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
+                    lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+                    use_cpu=True, train_sampling_strategy="sequential", disable_tqdm=True, seed=0)
+    return TrainingArguments(**{**settings, **extra})
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sift_trainer_trains_a_tiny_bert_and_logs_its_counts(tmp_path, accumulate):
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = SiftTrainer(model, arguments(tmp_path, 6, accumulate, steps=3), train_dataset=masked_rows(40),
+                          eval_dataset=masked_rows(12, seed=2), frac=0.5, exit_layer=1)
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logs) == 3
+    for row in logs:
+        assert (row["rows_scored"], row["rows_kept"]) == (6 * accumulate, 3 * accumulate)
+        assert row["score_kept"] >= row["score_dropped"] > 0  # criterion=loss keeps the highest losses
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model trained
+    assert trainer.evaluate()["eval_loss"] > 0
+
+
+def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, monkeypatch):
+    """Accumulating a batch of 8 and a short one of 6 at frac=0.5 (4 and 3 kept rows) updates as one batch of those
+    7 rows: each kept row weighs 1/7. The Trainer's default, a mean of the two means, would weigh them 1/8 and 1/6."""
+    chosen, choose = [], hf.choose
+
+    def recorded(model, batch, *args):
+        keep, scores = choose(model, batch, *args)
+        chosen.append({k: v[keep] for k, v in batch.items()})
+        return keep, scores
+
+    monkeypatch.setattr(hf, "choose", recorded)
+    accumulated = tiny_bert()
+    SiftTrainer(accumulated, arguments(tmp_path / "a", 8, 2), train_dataset=masked_rows(14), frac=0.5).train()
+    assert [len(b["input_ids"]) for b in chosen] == [4, 3]
+    kept = [{k: v[i] for k, v in b.items()} for b in chosen for i in range(len(b["input_ids"]))]
+    whole = tiny_bert()
+    SiftTrainer(whole, arguments(tmp_path / "b", 7), train_dataset=kept, frac=1.0).train()
+    start = tiny_bert().state_dict()
+    moved = False
+    for (name, a), b in zip(accumulated.state_dict().items(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        moved |= not torch.equal(a, start[name])
+    assert moved
+
+
+def test_frac_1_trains_every_row_without_a_scoring_pass(tmp_path, monkeypatch):
+    calls, exit_scores = [], BertMLM.exit_scores
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return exit_scores(*args, **kwargs)
+
+    monkeypatch.setattr(BertMLM, "exit_scores", counted)
+    trainer = SiftTrainer(tiny_bert(), arguments(tmp_path / "a", 4, steps=2), train_dataset=masked_rows(8), frac=1.0)
+    trainer.train()
+    assert not calls
+    assert [(r["rows_scored"], r["rows_kept"]) for r in trainer.state.log_history if "loss" in r] == [(4, 4)] * 2
+    SiftTrainer(tiny_bert(), arguments(tmp_path / "b", 4, steps=2), train_dataset=masked_rows(8), frac=0.5).train()
+    assert len(calls) == 2  # the counter counts: one scoring pass per selecting step
+
+
+def test_bad_arguments_are_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"frac=1.5 is outside \(0, 1\]"):
+        SiftTrainer(tiny_bert(), arguments(tmp_path, 4), train_dataset=masked_rows(8), frac=1.5)
