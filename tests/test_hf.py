@@ -1,14 +1,18 @@
 """SiftTrainer: a transformers Trainer that trains on the rows select() keeps, with the right loss normalisation."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-pytest.importorskip("accelerate", reason="the [hf] extra: transformers' Trainer needs accelerate")
-from transformers import BertConfig, BertForMaskedLM, TrainingArguments  # noqa: E402
+from transformers import BertConfig, BertForMaskedLM, TrainingArguments
 
-from sift_cli import hf  # noqa: E402
-from sift_cli.hf import SiftTrainer  # noqa: E402
-from sift_cli.models.bert import BertMLM  # noqa: E402
+from conftest import REPO
+from sift_cli import hf
+from sift_cli.hf import SiftTrainer
+from sift_cli.models.bert import BertMLM
 
 VOCAB, LENGTH, MASKED = 50, 16, 3
 
@@ -54,9 +58,11 @@ def test_sift_trainer_trains_a_tiny_bert_and_logs_its_counts(tmp_path, accumulat
     assert trainer.evaluate()["eval_loss"] > 0
 
 
-def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize("frac,kept", [(0.5, [4, 3]), (1.0, [8, 6])])
+def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, monkeypatch, frac, kept):
     """Accumulating a batch of 8 and a short one of 6 at frac=0.5 (4 and 3 kept rows) updates as one batch of those
-    7 rows: each kept row weighs 1/7. The Trainer's default, a mean of the two means, would weigh them 1/8 and 1/6."""
+    7 rows: each kept row weighs 1/7; the Trainer's default, a mean of the two means, would weigh them 1/8 and 1/6.
+    At frac=1, as one batch of all 14 rows."""
     chosen, choose = [], hf.choose
 
     def recorded(model, batch, *args):
@@ -66,11 +72,11 @@ def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, m
 
     monkeypatch.setattr(hf, "choose", recorded)
     accumulated = tiny_bert()
-    SiftTrainer(accumulated, arguments(tmp_path / "a", 8, 2), train_dataset=masked_rows(14), frac=0.5).train()
-    assert [len(b["input_ids"]) for b in chosen] == [4, 3]
-    kept = [{k: v[i] for k, v in b.items()} for b in chosen for i in range(len(b["input_ids"]))]
+    SiftTrainer(accumulated, arguments(tmp_path / "a", 8, 2), train_dataset=masked_rows(14), frac=frac).train()
+    assert [len(b["input_ids"]) for b in chosen] == kept
+    rows = [{k: v[i] for k, v in b.items()} for b in chosen for i in range(len(b["input_ids"]))]
     whole = tiny_bert()
-    SiftTrainer(whole, arguments(tmp_path / "b", 7), train_dataset=kept, frac=1.0).train()
+    SiftTrainer(whole, arguments(tmp_path / "b", sum(kept)), train_dataset=rows, frac=1.0).train()
     start = tiny_bert().state_dict()
     moved = False
     for (name, a), b in zip(accumulated.state_dict().items(), whole.state_dict().values()):
@@ -98,3 +104,17 @@ def test_frac_1_trains_every_row_without_a_scoring_pass(tmp_path, monkeypatch):
 def test_bad_arguments_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"frac=1.5 is outside \(0, 1\]"):
         SiftTrainer(tiny_bert(), arguments(tmp_path, 4), train_dataset=masked_rows(8), frac=1.5)
+
+
+def test_the_example_fine_tunes_a_tiny_bert_and_saves_it_for_transformers_alone(tmp_path, corpus_file):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    done = subprocess.run([sys.executable, "examples/hf_trainer.py", "--text", str(corpus_file), "--out", str(tmp_path),
+                           "--steps", "4", "--batch-size", "8", "--seq-len", "32", "--vocab-size", "200"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "'rows_scored': 8, 'rows_kept': 4" in done.stdout  # a log a step: 4 of the batch's 8 rows kept
+    model, tokenizer = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tokenizer(f"the quick function returns the {tokenizer.mask_token}", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == len(tokenizer)
