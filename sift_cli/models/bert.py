@@ -11,6 +11,7 @@ vocabulary head costs more than several encoder layers.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -116,6 +117,10 @@ class BertMLM(nn.Module):
         nn.Module.__init__(model)
         model._adopt(mlm)
         return model
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The model as transformers saves it: AutoModelForMaskedLM loads it, and model.pretrained takes it back."""
+        self.mlm.save_pretrained(folder)
 
     def _encode(self, input_ids: Tensor, k: int) -> Tensor:
         """Hidden states after encoder layer k. Sequences are packed, so there is no padding mask."""
