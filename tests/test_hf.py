@@ -1,5 +1,6 @@
 """SiftTrainer: a transformers Trainer that trains on the rows select() keeps, with the right loss normalisation."""
 
+import json
 import os
 import subprocess
 import sys
@@ -118,3 +119,40 @@ def test_the_example_fine_tunes_a_tiny_bert_and_saves_it_for_transformers_alone(
     model, tokenizer = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = tokenizer(f"the quick function returns the {tokenizer.mask_token}", return_tensors="pt")
     assert model(**ids).logits.shape[-1] == len(tokenizer)
+
+
+DDP = """
+import json, os, sys
+import torch
+sys.path[:0] = [os.environ["TESTS"], os.path.dirname(os.environ["TESTS"])]  # the tests' helpers, this checkout
+from test_hf import arguments, masked_rows, tiny_bert
+from sift_cli.hf import SiftTrainer
+
+out = os.environ["OUT"]
+model = tiny_bert()
+start = sum(p.detach().abs().sum().item() for p in model.parameters())
+trainer = SiftTrainer(model, arguments(out, 4, steps=2), train_dataset=masked_rows(16), frac=0.5)
+trainer.train()
+with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"distributed": trainer.accelerator.distributed_type.value, "start": start,
+               "weights": sum(p.detach().abs().sum().item() for p in model.parameters()),
+               "logs": [r for r in trainer.state.log_history if "loss" in r]}, f)
+"""
+
+
+def test_under_ddp_each_process_selects_its_own_rows_and_the_logs_count_both(tmp_path, monkeypatch):
+    from test_distributed import torchrun
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP)
+    monkeypatch.setenv("TESTS", str(REPO / "tests"))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    done = torchrun(script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["distributed"] == "MULTI_CPU"
+    for rank in ranks:  # 2 of each process's 4 rows, counted over both processes
+        assert [(r["rows_scored"], r["rows_kept"]) for r in rank["logs"]] == [(8, 4)] * 2
+    # DDP synchronised the gradients of the kept rows: both processes hold the same trained weights
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=1e-6)
+    assert ranks[0]["weights"] != pytest.approx(ranks[0]["start"], rel=1e-6)
