@@ -118,13 +118,15 @@ def select(model: nn.Module, batch: dict, exit_layer: int = 1, frac: float = 0.5
     gradient, dropout off) and keeps rows by `criterion`, exactly as sift-train's step does: loss, entropy and
     gradnorm keep the highest scores; loss_proportional draws by loss rank; diverse picks far-apart rows; random
     skips scoring. Nothing is read back to the host; the model's train/eval mode and parameters are left as
-    they were. frac=1 runs no scoring pass and keeps every row.
+    they were; the pass runs under whatever autocast the caller has entered. frac=1 runs no scoring pass and
+    keeps every row.
 
     model: sift-train's BertMLM or ResNetClassifier, or a transformers BertForMaskedLM as you built it (see
     ADAPTERS for adding a family). batch: sift-train's format, a dict of tensors with one row per sample:
     BERT {input_ids [B, L], mask_positions [B, P], mask_labels [B, P]}, exactly P masked tokens per row (a
-    position and its original token; HF's labels with -100 map to it when every row has P labels:
-    mask_positions = (labels != -100).nonzero()[:, 1].view(B, P), mask_labels = labels.gather(1, that));
+    position and its original token; HF's labels with -100 map to it when every row has P labels, once per
+    batch and with a host sync: mask_positions = (labels != -100).nonzero()[:, 1].view(B, P),
+    mask_labels = labels.gather(1, mask_positions));
     ResNet {images [B, C, H, W], labels [B]}.
     generator: the random draws of loss_proportional and random (default: torch's global generator of the
     batch's device). `sift_cli.data.order.seeded(seed, "select", step, device=device)` makes the draws of

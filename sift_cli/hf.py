@@ -42,7 +42,7 @@ class SiftTrainer(Trainer):
     # compute_loss already divides by the accumulated batch's kept rows: the Trainer must not divide again
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model: Optional[nn.Module] = None, *args, exit_layer: int = 1, frac: float = 0.5,
+    def __init__(self, model: nn.Module, *args, exit_layer: int = 1, frac: float = 0.5,
                  criterion: str = "loss", **kwargs):
         core = adapter(model)
         check_arguments(core, exit_layer, frac, criterion)
