@@ -16,7 +16,7 @@ from transformers import Trainer
 
 from sift_cli.api import adapter, check_arguments, choose
 from sift_cli.config import step_sizes
-from sift_cli.trainer import rows, take
+from sift_cli.trainer import Selection, rows, take
 
 
 class SiftTrainer(Trainer):
@@ -26,7 +26,8 @@ class SiftTrainer(Trainer):
     Trainer's. `model` as select() takes it: a transformers BertForMaskedLM, or sift-train's BertMLM or
     ResNetClassifier. The Trainer trains its adapter, which shares the model's weights: the model you passed is
     the one trained (save it with its own save_pretrained). Batches are select()'s format (see MaskedRows).
-    frac=1 runs no scoring pass: the Trainer's own training on every row.
+    frac=1 runs no scoring pass: the Trainer's own training on every row. The random rules draw as sift-train's
+    step does under seed=args.seed, so without accumulation every criterion keeps the CLI's rows.
 
     The loss is the mean over the kept rows of the whole accumulated batch: each micro-batch's mean over its kept
     rows, weighted by its share of them (num_items_in_batch counts kept rows), so gradient accumulation of n
@@ -48,6 +49,7 @@ class SiftTrainer(Trainer):
         check_arguments(core, exit_layer, frac, criterion)
         self.exit_layer, self.frac, self.criterion = exit_layer, frac, criterion
         self._scored = self._kept = 0  # rows since the last log: known from shapes, no device read
+        self._micro = 0  # the micro-batch's place in its accumulated batch
         self._score_sums: Optional[Tensor] = None  # (all scores, kept scores) since the last log, on the device
         super().__init__(core, *args, **kwargs)
         # the Trainer keeps only the batch keys that name parameters of the model's forward; the contract's forward
@@ -58,11 +60,13 @@ class SiftTrainer(Trainer):
         """The accumulated micro-batches and the rows they will back-propagate, the loss's denominator. The
         Trainer's own count reads `labels`, the targets before selection; kept rows are known from shapes."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._micro = 0
         return batches, sum(step_sizes(rows(b), self.frac, "scored")[1] for b in batches)
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Optional[int] = None):
-        keep, scores = choose(self.model, inputs, self.exit_layer, self.frac, self.criterion)
+        keep, scores = choose(self.model, inputs, self.exit_layer, self.frac, self.criterion, self._draws(inputs))
+        self._micro += 1
         self._scored += rows(inputs)
         self._kept += len(keep)
         if scores is not None:
@@ -73,6 +77,16 @@ class SiftTrainer(Trainer):
         if num_items_in_batch is not None:  # this micro-batch's share of the accumulated batch's kept rows
             loss = loss * (len(keep) / num_items_in_batch)
         return (loss, None) if return_outputs else loss
+
+    def _draws(self, batch: dict) -> torch.Generator:
+        """The random draws (criterion random, loss_proportional) of sift-train's step n under the Trainer's seed,
+        n counting micro-batches: without accumulation, the step number, so the rows kept are the CLI's."""
+        n = self.state.global_step * self.args.gradient_accumulation_steps + self._micro
+        scored, kept = step_sizes(rows(batch), self.frac, "scored")
+        sel = Selection(frac=self.frac, criterion=self.criterion, scored=scored, kept=kept, seed=self.args.seed,
+                        scope="local", device=next(iter(batch.values())).device, world=self.args.world_size,
+                        rank=self.args.process_index)
+        return sel.generator(n)
 
     def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool,
                         ignore_keys: Optional[list] = None):

@@ -12,8 +12,10 @@ from transformers import BertConfig, BertForMaskedLM, TrainingArguments
 
 from conftest import REPO
 from sift_cli import hf
+from sift_cli.config import CRITERIA
 from sift_cli.hf import SiftTrainer
 from sift_cli.models.bert import BertMLM
+from sift_cli.trainer import Selection, autocast_for, grad_scaler_for, scorer, train_step
 
 VOCAB, LENGTH, MASKED = 50, 16, 3
 
@@ -84,6 +86,34 @@ def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, m
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
         moved |= not torch.equal(a, start[name])
     assert moved
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_sift_trainer_keeps_the_rows_the_cli_step_keeps(tmp_path, monkeypatch, criterion):
+    """Its first step against sift-train's train_step, with the Selection and scorer trainer.py builds, on the
+    same weights, batch and seed (args.seed)."""
+    chosen, choose = [], hf.choose
+
+    def recorded(model, batch, *args):
+        keep, scores = choose(model, batch, *args)
+        chosen.append({k: v[keep] for k, v in batch.items()})
+        return keep, scores
+
+    monkeypatch.setattr(hf, "choose", recorded)
+    data = masked_rows(8)
+    SiftTrainer(tiny_bert(), arguments(tmp_path, 8, seed=5), train_dataset=data, frac=0.4, exit_layer=2,
+                criterion=criterion).train()
+    updated = []
+
+    def training_loss(rows):  # the CLI step's model call: records the rows it trains on
+        updated.append(rows)
+        return torch.zeros((), requires_grad=True)
+
+    cpu, batch = torch.device("cpu"), {k: torch.stack([row[k] for row in data]) for k in data[0]}
+    train_step(training_loss, scorer(BertMLM.around(tiny_bert()), 2, criterion), batch, None,
+               grad_scaler_for("fp32", cpu), autocast_for("fp32", cpu), Selection(0.4, criterion, 8, 4, 5, "local", cpu),
+               0)
+    assert all(torch.equal(chosen[0][k], updated[0][k]) for k in batch)
 
 
 def test_frac_1_trains_every_row_without_a_scoring_pass(tmp_path, monkeypatch):
