@@ -1,4 +1,4 @@
-"""The library API: select() keeps ceil(frac*B) rows, the same rows as the CLI's step, and leaves the model as it was."""
+"""The library API: select() keeps ceil(frac*B) rows, the CLI step's rows, and leaves the model as it was."""
 
 import math
 

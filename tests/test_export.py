@@ -1,4 +1,4 @@
-"""trainer.export: a text run leaves its model and tokenizer as a save_pretrained folder that transformers loads alone."""
+"""trainer.export: a text run leaves its model and tokenizer in a save_pretrained folder transformers loads alone."""
 
 import pytest
 import torch

@@ -110,9 +110,9 @@ def test_sift_trainer_keeps_the_rows_the_cli_step_keeps(tmp_path, monkeypatch, c
         return torch.zeros((), requires_grad=True)
 
     cpu, batch = torch.device("cpu"), {k: torch.stack([row[k] for row in data]) for k in data[0]}
+    sel = Selection(0.4, criterion, 8, 4, 5, "local", cpu)
     train_step(training_loss, scorer(BertMLM.around(tiny_bert()), 2, criterion), batch, None,
-               grad_scaler_for("fp32", cpu), autocast_for("fp32", cpu), Selection(0.4, criterion, 8, 4, 5, "local", cpu),
-               0)
+               grad_scaler_for("fp32", cpu), autocast_for("fp32", cpu), sel, 0)
     assert all(torch.equal(chosen[0][k], updated[0][k]) for k in batch)
 
 
@@ -146,7 +146,8 @@ def test_the_example_fine_tunes_a_tiny_bert_and_saves_it_for_transformers_alone(
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "'rows_scored': 8, 'rows_kept': 4" in done.stdout  # a log a step: 4 of the batch's 8 rows kept
-    model, tokenizer = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model, tokenizer = (AutoModelForMaskedLM.from_pretrained(tmp_path / "hf"),
+                        AutoTokenizer.from_pretrained(tmp_path / "hf"))
     ids = tokenizer(f"the quick function returns the {tokenizer.mask_token}", return_tensors="pt")
     assert model(**ids).logits.shape[-1] == len(tokenizer)
 
