@@ -1,11 +1,15 @@
 """trainer.export: a text run leaves its model and tokenizer in a save_pretrained folder transformers loads alone."""
 
+import json
+import signal
+
 import pytest
 import torch
 from hydra.utils import instantiate
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import make_config, tiny_overrides
+from conftest import make_config, sift_train, tiny_overrides
+from sift_cli.checkpoint import load_tensors
 from sift_cli.config import ConfigError, validate
 from sift_cli.records import read_metrics
 from sift_cli.train import run
@@ -41,6 +45,16 @@ def test_an_exported_bert_gives_the_recorded_validation_loss_and_trains_on(corpu
     # model.pretrained takes it back: a new run starts from the exported weights
     run(make_config(tiny_overrides(corpus_file, f"model.pretrained={folder}")), tmp_path / "again")
     assert read_metrics(tmp_path / "again")[0]["val_loss"] == pytest.approx(recorded["val_loss"], rel=1e-5)
+
+
+def test_a_preempted_run_exports_the_weights_of_its_last_checkpoint(corpus_file, tmp_path):
+    out = sift_train(*tiny_overrides(corpus_file), f"hydra.run.dir={tmp_path}", SIFT_TEST_SIGNAL="SIGTERM:4")
+    assert out.returncode == -signal.SIGTERM, out.stderr[-2000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "preempted"
+    saved = load_tensors(tmp_path / "checkpoints" / "step-000000004")["model"]
+    exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").state_dict()
+    assert exported.keys() == {k.removeprefix("mlm.") for k in saved}
+    assert all(torch.equal(exported[k.removeprefix("mlm.")], v) for k, v in saved.items())
 
 
 def test_export_false_writes_no_folder(corpus_file, tmp_path):
