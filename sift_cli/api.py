@@ -128,8 +128,8 @@ def select(model: nn.Module, batch: dict, exit_layer: int = 1, frac: float = 0.5
     batch and with a host sync: mask_positions = (labels != -100).nonzero()[:, 1].view(B, P),
     mask_labels = labels.gather(1, mask_positions));
     ResNet {images [B, C, H, W], labels [B]}.
-    generator: the random draws of loss_proportional and random (default: torch's global generator of the
-    batch's device). `sift_cli.data.order.seeded(seed, "select", step, device=device)` makes the draws of
+    generator: the random draws of loss_proportional and random, on the batch's device (default: torch's global
+    generator there). `sift_cli.data.order.seeded(seed, "select", step, device=device)` makes the draws of
     sift-train's step `step` under `seed=`.
     """
     keep, _ = choose(model, batch, exit_layer, frac, criterion, generator)

@@ -61,6 +61,22 @@ def test_sift_trainer_trains_a_tiny_bert_and_logs_its_counts(tmp_path, accumulat
     assert trainer.evaluate()["eval_loss"] > 0
 
 
+def test_sift_trainer_trains_a_resnet_on_its_own_batches(tmp_path):
+    from sift_cli.models.resnet import ResNetClassifier
+
+    torch.manual_seed(0)
+    model = ResNetClassifier("resnet18", num_classes=5, image_size=8)
+    g = torch.Generator().manual_seed(1)
+    images = [{"images": torch.randn(3, 8, 8, generator=g), "labels": torch.randint(5, (), generator=g)}
+              for _ in range(16)]
+    before = model.net.fc.weight.clone()
+    trainer = SiftTrainer(model, arguments(tmp_path, 8, steps=2), train_dataset=images, eval_dataset=images,
+                          frac=0.25, exit_layer=2)
+    trainer.train()
+    assert [(r["rows_scored"], r["rows_kept"]) for r in trainer.state.log_history if "loss" in r] == [(8, 2)] * 2
+    assert not torch.equal(before, model.net.fc.weight) and trainer.evaluate()["eval_loss"] > 0
+
+
 @pytest.mark.parametrize("frac,kept", [(0.5, [4, 3]), (1.0, [8, 6])])
 def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, monkeypatch, frac, kept):
     """Accumulating a batch of 8 and a short one of 6 at frac=0.5 (4 and 3 kept rows) updates as one batch of those
