@@ -45,7 +45,7 @@ SELECTION_SCOPES = ("local", "global")
 RESUMABLE = ("trainer.max_steps", "trainer.max_time_s", "trainer.progress", "trainer.resume", "trainer.device",
              "trainer.checkpoint_every_s", "trainer.checkpoint_every_steps", "trainer.keep_checkpoints",
              "trainer.eval_batch_size", "trainer.compile", "trainer.compile_mode", "name", "tags", "targets",
-             "data.cache_dir", "data.num_workers")
+             "data.cache_dir", "data.num_workers", "trainer.export")
 RESUMABLE_PREFIXES = ("logger.", "diagnostics.")
 # an example for each mandatory value a data choice leaves open
 EXAMPLES = {"data.paths": "data.paths=[corpus.txt]",
@@ -95,6 +95,7 @@ class TrainerConfig:
     keep_checkpoints: int = MISSING
     resume: str = MISSING  # auto | never | a checkpoint folder
     progress: str = MISSING
+    export: str = "auto"  # the model and tokenizer as a save_pretrained folder, <run>/hf; auto: text models
 
 
 @dataclass
@@ -234,6 +235,10 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
     _one_of("trainer.scheduler", t.scheduler, SCHEDULERS)
     _one_of("trainer.selection_scope", t.selection_scope, SELECTION_SCOPES)
     _one_of("trainer.progress", str(t.progress).lower(), PROGRESS)
+    _one_of("trainer.export", str(t.export).lower(), SWITCH)
+    if str(t.export).lower() == "true" and not hasattr(model, "save_pretrained"):
+        raise ConfigError(f"trainer.export=true but model={model_name} has no transformers form to save "
+                          f"(save_pretrained); use trainer.export=auto or false")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device):
         raise ConfigError(f"trainer.device={t.device} is not allowed; choose auto, cpu, cuda, cuda:N or mps")
     for key in ("max_steps", "max_time_s", "eval_every_steps", "eval_every_s", "checkpoint_every_s",

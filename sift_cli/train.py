@@ -165,6 +165,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     check_positions(cfg.data.get("seq_len"), getattr(model, "max_length", None))  # a checkpoint's own limit
     exit_layer = exit_block(cfg.exit_layer, model.depth)
     schedule = (cfg.selection.start, cfg.selection.end, cfg.selection.every)
+    # trainer.export: auto and true (which validate() allows only for such models) for one with a transformers form
+    exporting = str(cfg.trainer.export).lower() != "false" and hasattr(model, "save_pretrained")
     arm = method(cfg.frac, cfg.criterion, exit_layer, model.depth)
     name = run_name(cfg.frac, cfg.criterion, exit_layer, model.depth, cfg.seed, cfg.trainer.batch_mode, schedule)
     if main:
@@ -206,6 +208,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         raise ConfigError(f"{accelerator(device)} ran out of memory ({found}) with model={model_name}, "
                           f"trainer.batch_size={cfg.trainer.batch_size} over {world} process(es) and "
                           f"trainer.eval_batch_size={cfg.trainer.eval_batch_size}; lower them or add GPUs") from None
+    if exporting and main:  # before the summary: a run recorded as finished has its export
+        log.info("exported the model and tokenizer to %s (transformers' from_pretrained loads it)",
+                 export(model, data, run_dir))
     summary = record.finish(totals)
     if main:
         print(f"{name}: {summary['status']} | val_acc {totals['final_val_acc']:.4f} "
@@ -215,6 +220,19 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     if summary["status"] != COMPLETED:
         raise Stopped(summary["status"], totals["stop_signal"])
     return summary
+
+
+def export(model, data, run_dir: Path) -> Path:
+    """The model and its tokenizer as one save_pretrained folder, <run>/hf: AutoModelForMaskedLM and AutoTokenizer
+    load it without sift-train, and model.pretrained takes it back. Written beside it and then moved into place,
+    so the folder is never half written."""
+    folder, partial = run_dir / "hf", run_dir / "hf.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    data.tokenizer.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder
 
 
 def read_summary(run_dir: Path) -> dict:

@@ -77,7 +77,7 @@ def test_vanilla_on_two_processes_matches_one_and_rank_0_alone_writes_the_record
     assert summary["final_val_acc"] == rows[-1]["val_acc"]
     # one folder, one record, one set of checkpoints; rank 1 leaves its log and nothing else
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".hydra", "checkpoints", "metrics.jsonl", "rank1.log", "run.json", "sift-train.log", "summary.json"]
+        ".hydra", "checkpoints", "hf", "metrics.jsonl", "rank1.log", "run.json", "sift-train.log", "summary.json"]
     assert out.stdout.count("val_acc") == 1  # one summary line
 
 

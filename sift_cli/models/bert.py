@@ -11,6 +11,7 @@ vocabulary head costs more than several encoder layers.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -101,8 +102,25 @@ class BertMLM(nn.Module):
             self.mlm = BertForMaskedLM(config)
         if low_precision_layernorm:
             autocast_layer_norms(self.mlm)
-        self.depth = self.mlm.config.num_hidden_layers
-        self.max_length = self.mlm.config.max_position_embeddings
+        self._adopt(self.mlm)
+
+    def _adopt(self, mlm: BertForMaskedLM) -> None:
+        self.mlm = mlm
+        self.depth = mlm.config.num_hidden_layers
+        self.max_length = mlm.config.max_position_embeddings
+
+    @classmethod
+    def around(cls, mlm: BertForMaskedLM) -> "BertMLM":
+        """A BertMLM over a BertForMaskedLM built elsewhere (a user's model): the same module, its weights shared,
+        not copied, so training either trains both."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._adopt(mlm)
+        return model
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The model as transformers saves it: AutoModelForMaskedLM loads it, and model.pretrained takes it back."""
+        self.mlm.save_pretrained(folder)
 
     def _encode(self, input_ids: Tensor, k: int) -> Tensor:
         """Hidden states after encoder layer k. Sequences are packed, so there is no padding mask."""

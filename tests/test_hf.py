@@ -1,0 +1,205 @@
+"""SiftTrainer: a transformers Trainer that trains on the rows select() keeps, with the right loss normalisation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from transformers import BertConfig, BertForMaskedLM, TrainingArguments
+
+from conftest import REPO
+from sift_cli import hf
+from sift_cli.config import CRITERIA
+from sift_cli.hf import SiftTrainer
+from sift_cli.models.bert import BertMLM
+from sift_cli.trainer import Selection, autocast_for, grad_scaler_for, scorer, train_step
+
+VOCAB, LENGTH, MASKED = 50, 16, 3
+
+
+def tiny_bert(seed: int = 0) -> BertForMaskedLM:
+    """The user's own model, built from a config; no dropout, so two runs on the same rows train alike."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertForMaskedLM(config)
+
+
+def masked_rows(n: int, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(VOCAB, (LENGTH,), generator=g),
+             "mask_positions": torch.randperm(LENGTH, generator=g)[:MASKED].sort().values,
+             "mask_labels": torch.randint(VOCAB, (MASKED,), generator=g)} for _ in range(n)]
+
+
+def arguments(tmp_path, batch: int, accumulate: int = 1, steps: int = 1, **extra) -> TrainingArguments:
+    # plain SGD without clipping: the update is the gradient itself, so a mis-scaled loss shows in the weights
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
+                    max_steps=steps, learning_rate=0.5, optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
+                    lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+                    use_cpu=True, train_sampling_strategy="sequential", disable_tqdm=True, seed=0)
+    return TrainingArguments(**{**settings, **extra})
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sift_trainer_trains_a_tiny_bert_and_logs_its_counts(tmp_path, accumulate):
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = SiftTrainer(model, arguments(tmp_path, 6, accumulate, steps=3), train_dataset=masked_rows(40),
+                          eval_dataset=masked_rows(12, seed=2), frac=0.5, exit_layer=1)
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logs) == 3
+    for row in logs:
+        assert (row["rows_scored"], row["rows_kept"]) == (6 * accumulate, 3 * accumulate)
+        assert row["score_kept"] >= row["score_dropped"] > 0  # criterion=loss keeps the highest losses
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model trained
+    assert trainer.evaluate()["eval_loss"] > 0
+
+
+def test_sift_trainer_trains_a_resnet_on_its_own_batches(tmp_path):
+    from sift_cli.models.resnet import ResNetClassifier
+
+    torch.manual_seed(0)
+    model = ResNetClassifier("resnet18", num_classes=5, image_size=8)
+    g = torch.Generator().manual_seed(1)
+    images = [{"images": torch.randn(3, 8, 8, generator=g), "labels": torch.randint(5, (), generator=g)}
+              for _ in range(16)]
+    before = model.net.fc.weight.clone()
+    trainer = SiftTrainer(model, arguments(tmp_path, 8, steps=2), train_dataset=images, eval_dataset=images,
+                          frac=0.25, exit_layer=2)
+    trainer.train()
+    assert [(r["rows_scored"], r["rows_kept"]) for r in trainer.state.log_history if "loss" in r] == [(8, 2)] * 2
+    assert not torch.equal(before, model.net.fc.weight) and trainer.evaluate()["eval_loss"] > 0
+
+
+@pytest.mark.parametrize("frac,kept", [(0.5, [4, 3]), (1.0, [8, 6])])
+def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, monkeypatch, frac, kept):
+    """Accumulating a batch of 8 and a short one of 6 at frac=0.5 (4 and 3 kept rows) updates as one batch of those
+    7 rows: each kept row weighs 1/7; the Trainer's default, a mean of the two means, would weigh them 1/8 and 1/6.
+    At frac=1, as one batch of all 14 rows."""
+    chosen, choose = [], hf.choose
+
+    def recorded(model, batch, *args):
+        keep, scores = choose(model, batch, *args)
+        chosen.append({k: v[keep] for k, v in batch.items()})
+        return keep, scores
+
+    monkeypatch.setattr(hf, "choose", recorded)
+    accumulated = tiny_bert()
+    SiftTrainer(accumulated, arguments(tmp_path / "a", 8, 2), train_dataset=masked_rows(14), frac=frac).train()
+    assert [len(b["input_ids"]) for b in chosen] == kept
+    rows = [{k: v[i] for k, v in b.items()} for b in chosen for i in range(len(b["input_ids"]))]
+    whole = tiny_bert()
+    SiftTrainer(whole, arguments(tmp_path / "b", sum(kept)), train_dataset=rows, frac=1.0).train()
+    start = tiny_bert().state_dict()
+    moved = False
+    for (name, a), b in zip(accumulated.state_dict().items(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        moved |= not torch.equal(a, start[name])
+    assert moved
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_sift_trainer_keeps_the_rows_the_cli_step_keeps(tmp_path, monkeypatch, criterion):
+    """Its first step against sift-train's train_step, with the Selection and scorer trainer.py builds, on the
+    same weights, batch and seed (args.seed)."""
+    chosen, choose = [], hf.choose
+
+    def recorded(model, batch, *args):
+        keep, scores = choose(model, batch, *args)
+        chosen.append({k: v[keep] for k, v in batch.items()})
+        return keep, scores
+
+    monkeypatch.setattr(hf, "choose", recorded)
+    data = masked_rows(8)
+    SiftTrainer(tiny_bert(), arguments(tmp_path, 8, seed=5), train_dataset=data, frac=0.4, exit_layer=2,
+                criterion=criterion).train()
+    updated = []
+
+    def training_loss(rows):  # the CLI step's model call: records the rows it trains on
+        updated.append(rows)
+        return torch.zeros((), requires_grad=True)
+
+    cpu, batch = torch.device("cpu"), {k: torch.stack([row[k] for row in data]) for k in data[0]}
+    sel = Selection(0.4, criterion, 8, 4, 5, "local", cpu)
+    train_step(training_loss, scorer(BertMLM.around(tiny_bert()), 2, criterion), batch, None,
+               grad_scaler_for("fp32", cpu), autocast_for("fp32", cpu), sel, 0)
+    assert all(torch.equal(chosen[0][k], updated[0][k]) for k in batch)
+
+
+def test_frac_1_trains_every_row_without_a_scoring_pass(tmp_path, monkeypatch):
+    calls, exit_scores = [], BertMLM.exit_scores
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return exit_scores(*args, **kwargs)
+
+    monkeypatch.setattr(BertMLM, "exit_scores", counted)
+    trainer = SiftTrainer(tiny_bert(), arguments(tmp_path / "a", 4, steps=2), train_dataset=masked_rows(8), frac=1.0)
+    trainer.train()
+    assert not calls
+    assert [(r["rows_scored"], r["rows_kept"]) for r in trainer.state.log_history if "loss" in r] == [(4, 4)] * 2
+    SiftTrainer(tiny_bert(), arguments(tmp_path / "b", 4, steps=2), train_dataset=masked_rows(8), frac=0.5).train()
+    assert len(calls) == 2  # the counter counts: one scoring pass per selecting step
+
+
+def test_bad_arguments_are_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"frac=1.5 is outside \(0, 1\]"):
+        SiftTrainer(tiny_bert(), arguments(tmp_path, 4), train_dataset=masked_rows(8), frac=1.5)
+
+
+def test_the_example_fine_tunes_a_tiny_bert_and_saves_it_for_transformers_alone(tmp_path, corpus_file):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    done = subprocess.run([sys.executable, "examples/hf_trainer.py", "--text", str(corpus_file), "--out", str(tmp_path),
+                           "--steps", "4", "--batch-size", "8", "--seq-len", "32", "--vocab-size", "200"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "'rows_scored': 8, 'rows_kept': 4" in done.stdout  # a log a step: 4 of the batch's 8 rows kept
+    model, tokenizer = (AutoModelForMaskedLM.from_pretrained(tmp_path / "hf"),
+                        AutoTokenizer.from_pretrained(tmp_path / "hf"))
+    ids = tokenizer(f"the quick function returns the {tokenizer.mask_token}", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == len(tokenizer)
+
+
+DDP = """
+import json, os, sys
+import torch
+sys.path[:0] = [os.environ["TESTS"], os.path.dirname(os.environ["TESTS"])]  # the tests' helpers, this checkout
+from test_hf import arguments, masked_rows, tiny_bert
+from sift_cli.hf import SiftTrainer
+
+out = os.environ["OUT"]
+model = tiny_bert()
+start = sum(p.detach().abs().sum().item() for p in model.parameters())
+trainer = SiftTrainer(model, arguments(out, 4, steps=2), train_dataset=masked_rows(16), frac=0.5)
+trainer.train()
+with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"distributed": trainer.accelerator.distributed_type.value, "start": start,
+               "weights": sum(p.detach().abs().sum().item() for p in model.parameters()),
+               "logs": [r for r in trainer.state.log_history if "loss" in r]}, f)
+"""
+
+
+def test_under_ddp_each_process_selects_its_own_rows_and_the_logs_count_both(tmp_path, monkeypatch):
+    from test_distributed import torchrun
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP)
+    monkeypatch.setenv("TESTS", str(REPO / "tests"))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    done = torchrun(script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["distributed"] == "MULTI_CPU"
+    for rank in ranks:  # 2 of each process's 4 rows, counted over both processes
+        assert [(r["rows_scored"], r["rows_kept"]) for r in rank["logs"]] == [(8, 4)] * 2
+    # DDP synchronised the gradients of the kept rows: both processes hold the same trained weights
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=1e-6)
+    assert ranks[0]["weights"] != pytest.approx(ranks[0]["start"], rel=1e-6)
