@@ -54,6 +54,7 @@ RAN_ON = ("model", "data", "data_fingerprint", "device", "accelerator", "world_s
 KNOWN_ANSWER = ("data.duplicate_fraction", "data.duplicate_pool", "data.noise_fraction")
 COMPLETED = "completed"
 TARGET_SHARES = (0.90, 0.95, 0.99)  # default targets: shares of vanilla's best mean accuracy
+FLAT = 0.1  # a curve flattens where an evaluation gains less than this share of its first rise
 SIGNIFICANCE = 0.05  # a speedup counts when Welch's t-test rejects equal mean times at this level
 UNEVEN_STEPS = 0.25  # std/mean of an arm's ms/step over seeds above which its runs met different machines
 PIPED_WIDTH = 240  # piped output gets the width a table needs, not rich's default of 80 columns
@@ -276,23 +277,58 @@ def mean_std(values: list[float]) -> MeanStd:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
+def first_plateau(rows: list[dict]) -> float:
+    """The accuracy a curve first flattens on: from its first evaluation after the start, as long as each
+    evaluation gains less than FLAT of that first rise, the highest accuracy reached (on a text corpus, e.g.,
+    predicting the most frequent tokens). A curve still rising after its first evaluation flattens there."""
+    accs = [row["val_acc"] for row in rows]
+    if len(accs) < 2:
+        return accs[0]
+    rise, level = accs[1] - accs[0], accs[1]
+    for before, acc in zip(accs[1:], accs[2:]):
+        if acc - before >= FLAT * rise:
+            break
+        level = max(level, acc)
+    return level
+
+
 def default_targets(groups: list[Group]) -> tuple[list[float], list[str]]:
-    """90, 95 and 99% of vanilla's best mean accuracy (of the best group's without vanilla), each above every
-    run's first evaluated accuracy, so that the time to it measures training, not the first evaluation."""
+    """90, 95 and 99% of vanilla's best mean accuracy (of the best group's without vanilla), each above the
+    plateau every run's curve first flattens on, so that the time to it measures training, not how soon the
+    first evaluations came."""
     vanilla = [g for g in groups if g.method == "vanilla"]
     pool = vanilla or groups
     best = max(mean_std([r.summary["best_val_acc"] for r in g.runs])[0] for g in pool)
-    start = max(r.rows[0]["val_acc"] for g in groups for r in g.runs)
+    plateau = max(first_plateau(r.rows) for g in groups for r in g.runs)
     # floored to 4 decimals: a printed target never exceeds the accuracy it was derived from
     shares = sorted({math.floor(best * share * 1e4) / 1e4 for share in TARGET_SHARES})
     whose = "vanilla's" if vanilla else "the best group's (no vanilla runs)"
+    kept = [t for t in shares if t > plateau]
+    if not kept:
+        return [], [f"no targets: {', '.join(f'{s:.0%}' for s in TARGET_SHARES)} of {whose} best mean accuracy "
+                    f"{best:.4f} all lie on or below {plateau:.4f}, the plateau the curves first flatten on: the "
+                    f"runs did not leave it, so no time to target would measure training; train longer, or "
+                    f"give --target"]
     lines = [f"targets: {', '.join(f'{s:.0%}' for s in TARGET_SHARES)} of {whose} best mean accuracy {best:.4f}"
              + (f", at 4 decimals only {', '.join(f'{t:g}' for t in shares)}" if len(shares) < len(TARGET_SHARES)
                 else "")]
-    if dropped := [t for t in shares if t <= start]:
-        lines.append(f"dropped {', '.join(f'{t:g}' for t in dropped)}: not above {start:.4f}, the highest "
-                     f"accuracy of any run at its first evaluation; give --target to choose")
-    return [t for t in shares if t > start], lines
+    if dropped := [t for t in shares if t <= plateau]:
+        lines.append(f"dropped {', '.join(f'{t:g}' for t in dropped)}: not above {plateau:.4f}, the highest "
+                     f"plateau a run's curve first flattened on; give --target to choose")
+    return kept, lines
+
+
+def reached_at_once(groups: list[Group], targets: list[float]) -> list[str]:
+    """A warning for each target that every run reached by its first evaluation after step 0: its times are
+    interpolated from the start to that evaluation, so they measure when the evaluations came, not training."""
+    runs = [r for g in groups for r in g.runs]
+    lines = []
+    for target in targets:
+        if all(max(row["val_acc"] for row in r.rows[:2]) >= target for r in runs):
+            lines.append(f"every run reached {target:g} by its first evaluation after step 0: its times "
+                         f"measure the evaluation schedule, not training; choose a higher --target or evaluate "
+                         f"more often (trainer.eval_every_s, trainer.eval_every_steps)")
+    return lines
 
 
 def times_to(group: Group, target: float) -> list[Optional[float]]:
@@ -621,7 +657,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run folders or sweep folders (searched recursively)")
     parser.add_argument("--target", type=target_value, action="append", metavar="ACC",
                         help="target validation accuracy, repeatable (default: 90/95/99%% of vanilla's best, "
-                             "those above every run's first evaluated accuracy)")
+                             "those above the plateau every run's curve first flattens on)")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the table's numbers as CSV")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as markdown")
     parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the plots (default: the first PATH)")
@@ -643,8 +679,11 @@ def compare(args: argparse.Namespace, console: Optional[Console] = None) -> None
         targets, targets_note = sorted(set(args.target)), ["targets: given with --target"]
     else:
         targets, targets_note = default_targets(groups)
+    at_once = reached_at_once(groups, targets)
+    for line in at_once:
+        warn(line)
     rows = [group_stats(g, groups, targets) for g in groups]
-    caption = caption_lines(groups, rows, targets_note)
+    caption = caption_lines(groups, rows, targets_note + [f"warning: {line}" for line in at_once])
     console = console or Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
     lines = print_table(rows, targets, caption, console)
     written = []
