@@ -57,6 +57,10 @@ TARGET_SHARES = (0.90, 0.95, 0.99)  # default targets: shares of vanilla's best 
 FLAT = 0.1  # a curve flattens where an evaluation gains less than this share of its first rise
 SIGNIFICANCE = 0.05  # a speedup counts when Welch's t-test rejects equal mean times at this level
 UNEVEN_STEPS = 0.25  # std/mean of an arm's ms/step over seeds above which its runs met different machines
+# an arm's FLOP rate against vanilla's beyond which the machine changed between the arms. On a CPU the step is
+# compute-bound and every arm ran within 1.1x of vanilla's rate (benchmarks/results/step_cost-quick.md); on a GPU
+# a smaller step runs at a lower rate (launch-bound), so the rate is compared on CPUs only
+FLOP_RATE_TOLERANCE = 1.2
 PIPED_WIDTH = 240  # piped output gets the width a table needs, not rich's default of 80 columns
 DIAGNOSTIC_KEY = re.compile(r"(spearman|overlap)_k(\d+)")
 
@@ -364,6 +368,14 @@ def welch_p(base: list[float], times: list[float]) -> Optional[float]:
     return None if math.isnan(p) else p
 
 
+def flop_rate(group: Group) -> MeanStd:
+    """The model TFLOP/s each run achieved (flops_per_step x steps / train_time_s), mean and std over seeds;
+    (None, None) where a record lacks flops_per_step (older records)."""
+    rates = [r.summary["flops_per_step"] * r.summary["steps"] / r.summary["train_time_s"] / 1e12
+             for r in group.runs if r.summary.get("flops_per_step") and r.summary.get("train_time_s")]
+    return mean_std(rates) if rates and len(rates) == len(group.runs) else (None, None)
+
+
 def incomplete_note(runs: list[Run]) -> str:
     statuses = [run.status for run in runs if run.status != COMPLETED]
     return ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
@@ -378,14 +390,18 @@ def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict
     loss = mean_std(losses) if None not in losses else (None, None)
     step_ms = [1e3 * r.summary["train_time_s"] / r.summary["steps"] for r in group.runs if r.summary.get("steps")]
     step_ms = mean_std(step_ms) if len(step_ms) == len(group.runs) else (None, None)
+    tflops = flop_rate(group)
     row = {"arm": group.arm, "method": group.method, "frac": s["frac"],
            "exit_layer": s["exit_layer"] if "exit_layer" in group.knobs else None, "setting": group.label,
            "runs": len(group.runs) + len(group.repeats), "seeds": len(group.runs),
            "incomplete": incomplete_note(group.runs), "eval_interval_s": eval_interval(group),
-           "ms_per_step_mean": step_ms[0], "ms_per_step_std": step_ms[1],
+           "ms_per_step_mean": step_ms[0], "ms_per_step_std": step_ms[1], "tflops_mean": tflops[0],
+           "tflops_std": tflops[1], "flop_rate_vs_vanilla": None,
            "final_acc_mean": final[0], "final_acc_std": final[1], "best_acc_mean": best[0], "best_acc_std": best[1],
            "final_loss_mean": loss[0], "final_loss_std": loss[1]}
     reference = reference_for(group, groups)
+    if reference is not None and tflops[0] and (base_rate := flop_rate(reference)[0]):
+        row["flop_rate_vs_vanilla"] = tflops[0] / base_rate
     for target in targets:
         times = times_to(group, target)
         reached = [t for t in times if t is not None]
@@ -471,6 +487,15 @@ def caption_lines(groups: list[Group], rows: list[dict], targets_note: list[str]
     if uneven:  # the same step, timed differently: the machine changed under the runs, not the method
         lines.append(f"uneven: ms/step varies between seeds (std/mean) of {', '.join(uneven)}: the machine's load "
                      f"or clock changed between runs, and their times compare the machine too")
+    changed = [f"{r['arm']}{' ' + r['setting'] if r['setting'] else ''} ({r['flop_rate_vs_vanilla']:.2f}x: "
+               f"{r['tflops_mean']:.3g} TFLOP/s)" for g, r in zip(groups, rows)
+               if g.first.get("device") == "cpu" and r["flop_rate_vs_vanilla"]
+               and not 1 / FLOP_RATE_TOLERANCE <= r["flop_rate_vs_vanilla"] <= FLOP_RATE_TOLERANCE]
+    if changed:  # one machine runs every arm's model at about one rate: a different rate is a different machine
+        lines.append(f"machine: the FLOP rate (model TFLOP/s) of {', '.join(changed)} differs from vanilla's of the "
+                     f"same setting by more than {FLOP_RATE_TOLERANCE:g}x: the machine's load changed between the "
+                     f"arms, and their speedups compare the machine too; interleave the arms (seed first in the "
+                     f"sweep's overrides) and run again")
     passes = [run.summary["data_passes"] for g in groups for run in g.runs if "data_passes" in run.summary]
     if passes:  # a pre-training comparison reads its corpus about once; many passes measure memorisation
         lines.append(f"data: the runs read their training data {min(passes):,.1f} to {max(passes):,.1f} times "

@@ -392,6 +392,37 @@ def test_the_caption_names_an_arm_whose_steps_were_timed_unevenly(tmp_path, caps
     assert "sift-loss" not in caption.split("uneven:")[1]  # 5% apart: one machine's noise
 
 
+def test_the_caption_names_an_arm_whose_flop_rate_differs_from_vanillas(tmp_path, capsys):
+    """`experiment=digits_resnet` run back to back while the load rose: SIFT's step ran at 1.7x vanilla's FLOP
+    rate on the same CPU. Every seed of each arm is even, so only a comparison across arms sees it. On a GPU a
+    smaller step runs at a lower rate by itself: not named there."""
+    root, gpu = tmp_path / "runs", {"accelerator": "NVIDIA H100 80GB HBM3", "device": "cuda"}
+    arms = {"vanilla": (1e9, 2.0), "sift-loss k1 f0.5": (0.6e9, 0.7), "random f0.5": (0.5e9, 1.05)}
+    for seed in (0, 1):
+        for where, extra in (("cpu", {}), ("gpu", gpu)):
+            for arm, (flops, seconds) in arms.items():
+                kind = {"method": "random", "frac": 0.5, "criterion": "random"} if arm.startswith("random") else \
+                    {"method": "sift-loss", "frac": 0.5} if arm.startswith("sift") else {}
+                write_run(root / f"{where}-{arm}-{seed}", [0.1, 0.5, 0.8], [0, seconds / 2, seconds + seed / 100],
+                          seed=seed, summary={**extra, "flops_per_step": flops}, **kind)
+    code, out, err = sift_compare(capsys, root, "--target", 0.5, "--csv", tmp_path / "t.csv", "--out", tmp_path)
+    assert code == 0, err
+    with open(tmp_path / "t.csv") as f:
+        rows = {(r["arm"], r["setting"].split()[-1]): r for r in csv.DictReader(f)}
+    for (arm, where), row in rows.items():
+        flops, seconds = arms[arm]
+        rates = [flops * 20 / (seconds + seed / 100) / 1e12 for seed in (0, 1)]  # 20 steps a run
+        assert number(row["tflops_mean"]) == pytest.approx(mean(rates))
+        base = mean(arms["vanilla"][0] * 20 / (arms["vanilla"][1] + seed / 100) / 1e12 for seed in (0, 1))
+        assert number(row["flop_rate_vs_vanilla"]) == pytest.approx(mean(rates) / base)
+    caption = " ".join(out.split())
+    machine = caption.split("machine: ")[1].split(" (model TFLOP/s) of ")[1].split(" differs from")[0]
+    ratio = number(rows[("sift-loss k1 f0.5", "device=cpu")]["flop_rate_vs_vanilla"])
+    assert machine.startswith(f"sift-loss k1 f0.5 accelerator=Test CPU device=cpu ({ratio:.2f}x")
+    assert "random" not in machine and "cuda" not in machine  # 0.95x; a GPU's rate is not compared
+    assert "more than 1.2x" in caption and "interleave the arms" in caption
+
+
 def test_the_table_reads_at_80_columns(tmp_path):
     """Arms with long names, three targets and two settings: parts of one line per arm, nothing cut."""
     root = tmp_path / "runs"
