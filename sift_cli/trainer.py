@@ -432,11 +432,23 @@ def diagnose(model, probe: dict, frac: float, criterion: str, autocast) -> dict:
     return row
 
 
-def progress_bar(enabled: bool) -> Progress:
+@contextlib.contextmanager
+def progress_bar(enabled: bool) -> Iterator[Progress]:
+    """The training bar on a terminal. While it shows, log lines (one per evaluation) to the terminal go through
+    rich's stand-in for the stream, so that they print above the bar rather than into it."""
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.fields[step]}"),
                TextColumn("{task.fields[rate]:,.0f} samples/s"), TextColumn("{task.fields[mfu]}"),
                TextColumn("val_acc {task.fields[val_acc]}"), TimeElapsedColumn()]
-    return Progress(*columns, disable=not enabled, transient=False)
+    with Progress(*columns, disable=not enabled, transient=False) as bar:
+        stand_ins = {sys.__stdout__: sys.stdout, sys.__stderr__: sys.stderr}  # rich's, while the bar shows
+        handlers = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler
+                    and stand_ins.get(h.stream, h.stream) is not h.stream]
+        streams = [h.setStream(stand_ins[h.stream]) for h in handlers]
+        try:
+            yield bar
+        finally:
+            for handler, stream in zip(handlers, streams):
+                handler.setStream(stream)
 
 
 # --- stopping: budgets, preemption signals, Ctrl-C ------------------------------------------
@@ -656,6 +668,13 @@ class Training:
         self.record.log(row)
         if distributed.is_main():  # the one process that writes summary.json
             self.record.progress(self.totals(records.RUNNING))
+            # a line per evaluation in the log: a run without a terminal (a sweep, a cluster job) shows its pulse
+            speed = f"MFU {row['mfu']:.1%}" if "mfu" in row else f"{row['tflops']:.3g} TFLOP/s" if "tflops" in row \
+                else ""
+            log.info("step %d | train %.1f s | val_acc %.4f | val_loss %.4f | %.0f samples/s%s", state.step,
+                     self.clock.total, row["val_acc"], row["val_loss"],
+                     state.samples_seen / self.clock.total if self.clock.total else 0.0,
+                     f" | {speed}" if speed else "")
         return row
 
     def diagnose(self) -> None:

@@ -178,7 +178,18 @@ def test_cli_multirun_sweep_writes_one_run_folder_per_job(corpus_file, tmp_path)
     assert out.returncode == 0, out.stderr
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
     assert sorted(s["method"] for s in summaries) == ["sift-entropy", "sift-loss", "vanilla", "vanilla"]
-    assert out.stdout.count("val_acc") == 4  # one summary line per run
+    assert out.stdout.count("samples back-propagated") == 4  # one summary line per run
+    for job in sorted(p.parent for p in tmp_path.glob("*/summary.json")):
+        # no terminal and no progress bar: the job's log says how it goes, a line per evaluation
+        logged = [line.split("] - ", 1)[1] for line in (job / "sift-train.log").read_text().splitlines()
+                  if "| val_acc" in line]
+        rows = rows_of(job)
+        assert [line.split(" | ")[:4] for line in logged] == [
+            [f"step {r['step']}", f"train {r['train_time_s']:.1f} s", f"val_acc {r['val_acc']:.4f}",
+             f"val_loss {r['val_loss']:.4f}"] for r in rows]
+        assert all(line.split(" | ")[5].endswith(" TFLOP/s") for line in logged[1:])  # a CPU: no known peak
+        assert logged[0].endswith("samples/s") and logged[-1].split(" | ")[4] == \
+            f"{rows[-1]['samples_seen'] / rows[-1]['train_time_s']:.0f} samples/s"
 
 
 def test_cli_help_and_cfg_show_groups_and_the_composed_config():
