@@ -109,6 +109,10 @@ def build(node: DictConfig, refusal_of: Optional[str] = None, **kwargs):
         raise
 
 
+def not_writable(folder: Path, what: str, why: str) -> ConfigError:
+    return ConfigError(f"the {what} {folder} is not writable ({why}); choose another folder or fix its permissions")
+
+
 def writable(folder: Path, what: str) -> None:
     """A folder the run must write to: one line naming it when it cannot."""
     try:
@@ -117,8 +121,26 @@ def writable(folder: Path, what: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"the {what} {folder} is not writable ({err.strerror}); choose another "
-                          f"folder or fix its permissions") from None
+        raise not_writable(folder, what, err.strerror) from None
+
+
+def can_make(folder: Path, what: str) -> None:
+    """Before anything is written: a folder that exists, or could be made, and could be written to, judged by its
+    nearest existing ancestor (access(2) sees a read-only file system as well as permissions)."""
+    folder = folder.expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise not_writable(folder, what, f"{existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise not_writable(folder, what, "read-only file system" if read_only_mount(existing) else
+                           "permission denied")
+
+
+def read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: Optional[str] = None,
@@ -249,6 +271,16 @@ def warning_line(message, category, filename, lineno, line=None) -> str:
     return _python_warning(message, category, filename, lineno, line)
 
 
+def remove_unused(folder: Path, log_name: str) -> None:
+    """The folder of a run refused before it began, when it holds only what Hydra put there (.hydra/ and the log):
+    no folder is left behind for a run that never was."""
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    if entries and all(entry.name in (".hydra", log_name) for entry in entries):
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        folder.rmdir()
+
+
 def fail(err: Exception) -> None:
     print(f"sift-train: error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -264,6 +296,8 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     try:
         summary = run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep, show)
     except ConfigError as err:
+        if not multirun and distributed.is_main():  # a sweep's job folder stays: sift-compare names the failed job
+            remove_unused(Path(hc.runtime.output_dir), f"{hc.job.name}.log")
         fail(err)
     except Stopped as stopped:
         if stopped.status == "interrupted" and distributed.is_main():  # a default folder's name is new each time
@@ -302,6 +336,11 @@ def _override_error(err: Exception) -> Optional[str]:
     or a value of the wrong type."""
     from sift_cli.config import Config, LoggerConfig, TrainerConfig
 
+    scalar = re.search(r"Error merging override ([^=\s]+)=(.*?) Invalid value assigned: \w+ is not a ListConfig",
+                       f"{err} {err.__cause__}", re.S)
+    if scalar:
+        key, value = scalar.groups()
+        return f"{key}={value} is not a list; write {key}=[{value}]"
     wrong_type = re.search(r"Error merging override ([^=\s]+)=(.*?) Value .*?(?:converted to (\w+)|not a valid bool)",
                            f"{err} {err.__cause__}", re.S)
     if wrong_type:
@@ -319,15 +358,66 @@ def _override_error(err: Exception) -> Optional[str]:
     return f"{key} is not a known key{hint}"
 
 
-def precheck(args: list[str]) -> None:
-    """Compose and validate every job before any runs, so a bad value costs one line, not a sweep."""
+MULTIRUN_FLAGS = ("--multirun", "-m")
+
+
+def check_flag_order(args: list[str]) -> None:
+    """Hydra's parser reads no override after --multirun once one came before it: say so in one line."""
+    first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    late = [a for a in args[first:] if a in MULTIRUN_FLAGS]
+    if late:
+        rest = " ".join(a for a in args if a not in MULTIRUN_FLAGS)
+        raise ConfigError(f"{late[0]} must come before the overrides; run: sift-train --multirun {rest}")
+
+
+def override_value(overrides: list[str], key: str) -> Optional[str]:
+    """The value an override list gives `key` (`key=v`, `+key=v` or `++key=v`), the last one winning."""
+    values = [a.split("=", 1)[1] for a in overrides if "=" in a and a.split("=", 1)[0].lstrip("+") == key]
+    return values[-1] if values else None
+
+
+def check_launcher(overrides: list[str], multirun: bool, jobs: int) -> list[str]:
+    """The launcher's traps, before Hydra meets them: SLURM's launcher outside a sweep (Hydra ignores it and
+    trains here, on a login node) or where there is no SLURM (a traceback from submitit). submitit_local
+    starts every job of a sweep at once, which makes their times measure one another: it gets one job at a
+    time unless hydra.sweeper.max_batch_size says otherwise. Returns overrides to add."""
+    launcher = override_value(overrides, "hydra/launcher")
+    if launcher == "slurm" and not multirun:
+        raise ConfigError("hydra/launcher=slurm works only under --multirun (without it Hydra trains here, e.g. on "
+                          "a login node); run: sift-train --multirun hydra/launcher=slurm ... (one job is a sweep of "
+                          "one)")
+    if launcher == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ConfigError("hydra/launcher=slurm needs SLURM, but sbatch and srun are not on this machine's PATH; run "
+                          "the command on the cluster's login node, or use hydra/launcher=submitit_local to run the "
+                          "same path on this machine")
+    if launcher != "submitit_local" or not multirun or jobs < 2:
+        return []
+    batch = override_value(overrides, "hydra.sweeper.max_batch_size")
+    if batch is None:
+        print(f"sift-train: hydra/launcher=submitit_local runs the sweep's {jobs} jobs one at a time, so that their "
+              f"times compare (jobs started together share this machine); hydra.sweeper.max_batch_size=N runs N at "
+              f"once", file=sys.stderr)
+        return ["hydra.sweeper.max_batch_size=1"]
+    at_once = "every job" if batch in ("null", "None") else f"{batch} jobs" if batch.isdigit() and int(batch) > 1 \
+        else None
+    if at_once:
+        warnings.warn(f"hydra.sweeper.max_batch_size={batch} with hydra/launcher=submitit_local runs {at_once} of "
+                      f"the sweep at once on this machine: they share its cores, so their times measure one "
+                      f"another's load as well")
+    return []
+
+
+def precheck(args: list[str]) -> list[str]:
+    """Compose and validate every job before any runs, so a bad value costs one line, not a sweep. Returns
+    overrides to add to the command (see check_launcher)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
 
     if any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in args):
-        return
+        return []
+    check_flag_order(args)
     parsed, _ = get_args_parser().parse_known_args(args)
     overrides = [a for a in parsed.overrides if not a.startswith("hydra")]
     run_dir = next((Path(a.split("=", 1)[1]) for a in parsed.overrides if a.startswith("hydra.run.dir=")), None)
@@ -339,13 +429,19 @@ def precheck(args: list[str]) -> None:
     try:
         jobs = _combinations(overrides)
     except HydraException:
-        return  # a sweep syntax this check does not expand (intervals, globs): Hydra reports it
+        jobs = None  # a sweep syntax this check does not expand (intervals, globs): Hydra reports it
+    added = check_launcher(parsed.overrides, parsed.multirun, len(jobs or [None, None]))
+    if jobs is None:
+        return added
+    output = override_value(parsed.overrides, "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir")
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             for job in jobs:
                 try:
                     cfg = compose(config_name=parsed.config_name or "config", overrides=job, return_hydra_config=True)
                     choices = dict(cfg.hydra.runtime.choices)
+                    if output is None:  # the default folder, as this job's config composes it
+                        output = cfg.hydra.sweep.dir if parsed.multirun else cfg.hydra.run.dir
                     with open_dict(cfg):
                         del cfg["hydra"]
                     validate(cfg, choices)
@@ -361,6 +457,9 @@ def precheck(args: list[str]) -> None:
                     raise ConfigError(_override_error(err) or _first_lines(err)) from None
     finally:
         GlobalHydra.instance().clear()
+    if output is not None:  # before Hydra makes it: its own failure is a traceback
+        can_make(Path(output), "sweep folder (hydra.sweep.dir)" if parsed.multirun else "run folder (hydra.run.dir)")
+    return added
 
 
 def _first_lines(err: Exception) -> str:
@@ -396,7 +495,7 @@ def main() -> None:
     catch_early_interrupts()
     try:
         kill_point("checks", 0)
-        precheck(sys.argv[1:])
+        sys.argv += precheck(sys.argv[1:])  # Hydra reads the command line itself
         check_interrupted()
         _agree_on_folders()  # only after every check: a bad value never waits for the other processes
     except ConfigError as err:

@@ -249,6 +249,9 @@ def test_submitit_local_sweep_runs_each_job_as_one_run_over_its_tasks(corpus_fil
     assert [(s["method"], s["world_size"], s["steps"]) for s in summaries] == [("sift-loss", 2, 6), ("vanilla", 2, 6)]
     for job in ("0", "1"):
         assert [r["step"] for r in read_metrics(tmp_path / job)] == [0, 3, 6]
+    # one job at a time, as without a launcher, so that neither job's time includes the other's load
+    assert "runs the sweep's 2 jobs one at a time" in out.stderr
+    assert (tmp_path / "0" / "summary.json").stat().st_mtime <= (tmp_path / "1" / "run.json").stat().st_mtime
 
 
 def test_slurm_launcher_config_renders_a_requeueing_multi_gpu_batch_script(tmp_path, monkeypatch):

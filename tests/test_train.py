@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.config import ConfigError
 from sift_cli.models.bert import BertMLM
 from sift_cli.records import read_metrics
-from sift_cli.train import run
+from sift_cli.train import check_launcher, run
 
 
 def rows_of(run_dir):
@@ -238,3 +240,54 @@ def test_cli_bad_input_is_one_line_exit_2_no_traceback(args, message, corpus_fil
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "run").exists()  # refused before or after Hydra made it: no folder left behind
+
+
+@pytest.mark.parametrize("args,message", [
+    (["targets=0.5"], "targets=0.5 is not a list; write targets=[0.5]"),
+    (["seed=-1"], "seed=-1 must be 0 or more"),
+    (["frac=0.5", "--multirun", "seed=1"], "--multirun must come before the overrides; run: sift-train --multirun "
+                                           "frac=0.5 seed=1"),
+    # a login node: the launcher would be ignored and the run would train here
+    (["hydra/launcher=slurm"], "hydra/launcher=slurm works only under --multirun (without it Hydra trains here"),
+    (["--multirun", "hydra/launcher=slurm"], "hydra/launcher=slurm needs SLURM, but sbatch and srun are not on this "
+                                             "machine's PATH; run the command on the cluster's login node, or use "
+                                             "hydra/launcher=submitit_local"),
+])
+def test_cli_traps_of_the_command_line_are_one_line(args, message, corpus_file, tmp_path):
+    bare = tmp_path / "bin"  # a PATH without SLURM, whatever machine runs the test
+    bare.mkdir()
+    out = sift_train(*args, *tiny_overrides(corpus_file), f"hydra.run.dir={tmp_path / 'run'}",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", PATH=str(bare))
+    assert out.returncode == 2 and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_submitit_local_runs_a_sweep_one_job_at_a_time_unless_told():
+    local = ["hydra/launcher=submitit_local", "frac=0.5,1.0"]
+    assert check_launcher(local, multirun=True, jobs=2) == ["hydra.sweeper.max_batch_size=1"]
+    assert check_launcher(local, multirun=True, jobs=1) == []  # nothing to run beside
+    assert check_launcher(["frac=0.5,1.0"], multirun=True, jobs=2) == []  # Hydra's own launcher: one at a time
+    with pytest.warns(UserWarning, match="max_batch_size=2 with hydra/launcher=submitit_local runs 2 jobs of the sweep "
+                                         "at once on this machine: they share its cores"):
+        assert check_launcher(local + ["hydra.sweeper.max_batch_size=2"], multirun=True, jobs=4) == []
+
+
+@pytest.mark.parametrize("args,what", [([], "run folder (hydra.run.dir)"), (["--multirun"], "sweep folder (hydra.sweep.dir)")])
+def test_cli_an_unwritable_output_folder_is_one_line(args, what, corpus_file, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute stops it too
+        subprocess.run(["chattr", "+i", str(locked)], check=True)
+    try:
+        out = sift_train(*args, *tiny_overrides(corpus_file), f"hydra.run.dir={locked / 'run'}",
+                         f"hydra.sweep.dir={locked / 'run'}")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(locked)], check=True)
+        locked.chmod(0o755)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"sift-train: error: the {what} {locked / 'run'} is not writable (permission " \
+                                 f"denied); choose another folder or fix its permissions"

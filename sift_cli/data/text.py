@@ -316,7 +316,7 @@ def _not_writable(path, err: OSError) -> ConfigError:
 def _cache(cache_dir: Optional[str]) -> Path:
     try:
         return cache_root(cache_dir)
-    except PermissionError as err:
+    except OSError as err:  # permissions, or a read-only file system
         raise _not_writable(err.filename, err) from None
 
 
@@ -345,7 +345,7 @@ def cached(path: Path, load: Callable[[Path], T], build: Callable[[Path], None])
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path.parent / f"{path.name}.lock"))
         lock.acquire()
-    except PermissionError as err:
+    except OSError as err:  # permissions, or a read-only file system
         raise _not_writable(err.filename or path.parent, err) from None
     try:
         if path.exists() and not broken:  # another process built it while this one waited
