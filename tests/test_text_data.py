@@ -376,6 +376,22 @@ def test_a_read_only_cache_is_one_line_but_a_built_one_still_loads(corpus_file, 
             folder.chmod(0o755)
 
 
+def test_a_cache_on_a_read_only_file_system_is_one_line_naming_it(corpus_file, tmp_path, monkeypatch):
+    """A read-only mount raises OSError (EROFS), not PermissionError: named all the same, not a traceback."""
+    import errno
+
+    import sift_cli.data.text as text
+
+    readonly = tmp_path / "mounted"
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(text, "cache_root", refuse)
+    with pytest.raises(ConfigError, match=f"the data cache {readonly} is not writable \\(Read-only file system\\)"):
+        text_files(str(corpus_file), cache_dir=str(readonly), **COMMON)
+
+
 def test_a_checkpoint_tokenizer_keys_the_cache_by_its_content(corpus_file, tmp_path):
     trained = build(corpus_file, tmp_path).tokenizer
     for name in ("a", "b"):
