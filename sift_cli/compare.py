@@ -203,15 +203,18 @@ def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict
 
 
 def check_tuned(runs: list[Run], tuned: list[str]) -> None:
-    """A --tuned key must be a config key of these runs; a typo would silently compare nothing."""
+    """A --tuned key must be a config key of these runs (a typo would silently compare nothing), and one whose
+    value differs between them (otherwise it changes nothing, which is worth a warning)."""
     flats = [flat_config(run.summary["config"]) for run in runs]
+    values = {k: {json.dumps(flat.get(k), default=str) for flat in flats} for flat in flats for k in flat}
+    varying = ", ".join(k for k in sorted(values) if shapes_training(k) and len(values[k]) > 1) or "none"
     for key in tuned:
-        if not any(key in flat for flat in flats):
-            keys = sorted({k for flat in flats for k in flat})
-            varying = [k for k in keys if shapes_training(k)
-                       and len({json.dumps(flat.get(k), default=str) for flat in flats}) > 1]
+        if key not in values:
             raise CompareError(f"--tuned {key}: no run has this config key; the keys that vary between these "
-                               f"runs: {', '.join(varying) or 'none'}")
+                               f"runs: {varying}")
+        if len(values[key]) == 1:
+            warn(f"--tuned {key}: every run has {key}={next(iter(values[key]))}, so it changes nothing; the keys "
+                 f"that vary between these runs: {varying}")
 
 
 def group_runs(runs: list[Run], tuned: frozenset = frozenset()) -> list[Group]:

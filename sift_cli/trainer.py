@@ -813,7 +813,10 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                 checkpointer.write_clock(state.step, elapsed, state.lost_time_s, state.restarts)
                 bar.update(task, completed=elapsed if t.max_time_s else state.step, step=state.step,
                            rate=state.samples_seen / max(elapsed, 1e-9))
-            if due(cfg.diagnostics.every_n_steps):  # the last step's and a stopped one's too: a probe is cheap
+            # when due (a stopped step's too: a probe is cheap), and the budget's last step's whatever every_n_steps
+            # divides (not a stopped one's off the schedule: a resumed run's record is that of one never stopped)
+            spent = state.step >= max_steps or elapsed >= max_time
+            if due(cfg.diagnostics.every_n_steps) or (spent and cfg.diagnostics.every_n_steps):
                 with training.off_clock(stop):
                     training.diagnose()
             if training.request != Request.NONE or state.step >= max_steps or elapsed >= max_time:

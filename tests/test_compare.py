@@ -497,6 +497,17 @@ def test_unknown_tuned_key_lists_the_keys_that_vary(tmp_path, capsys):
     assert "--tuned trainer.optimizer.lrr" in err and "vary between these runs: trainer.optimizer.lr" in err
 
 
+def test_a_tuned_key_that_does_not_vary_is_warned_about(tmp_path, capsys):
+    write_run(tmp_path / "runs/0", [0.1, 0.5])
+    sift(tmp_path / "runs/1", [0.1, 0.6], config={"trainer": {"optimizer": {"lr": 3e-3}}})
+    code, out, err = sift_compare(capsys, tmp_path / "runs", "--tuned", "trainer.batch_size", "--out", tmp_path)
+    assert code == 0, err
+    assert f"sift-compare: warning: --tuned trainer.batch_size: every run has trainer.batch_size={BATCH}, so it " \
+           f"changes nothing; the keys that vary between these runs: trainer.optimizer.lr" in err
+    code, out, err = sift_compare(capsys, tmp_path / "runs", "--tuned", "trainer.optimizer.lr", "--out", tmp_path)
+    assert code == 0 and "--tuned" not in err
+
+
 def test_arms_tuned_to_their_own_learning_rate_compare_with_tuned_flag(tmp_path, capsys):
     """A per-arm rate makes separate settings, so no speedup; --tuned KEY compares across it."""
     root = tmp_path / "runs"

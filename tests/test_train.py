@@ -95,6 +95,10 @@ def test_exact_arm_and_diagnostics(corpus_file, tmp_path):
     assert summary["method"] == "exact"
     diag = [json.loads(line) for line in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
     assert [d["step"] for d in diag] == [2, 4, 6]  # the last step's too
+    run(make_config(tiny_overrides(corpus_file, "diagnostics.every_n_steps=4")), tmp_path / "uneven")
+    # the last step's even where every_n_steps does not divide it: the curve ends where training did
+    assert [json.loads(line)["step"] for line in (tmp_path / "uneven/diagnostics.jsonl").read_text().splitlines()] == \
+        [4, 6]
     for d in diag:
         assert d["spearman_k2"] == pytest.approx(1.0) and d["overlap_k2"] == 1.0  # layer L is exact
         assert -1 <= d["spearman_k1"] <= 1 and 0 <= d["overlap_k1"] <= 1
