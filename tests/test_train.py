@@ -278,7 +278,8 @@ def test_submitit_local_runs_a_sweep_one_job_at_a_time_unless_told():
         assert check_launcher(local + ["hydra.sweeper.max_batch_size=2"], multirun=True, jobs=4) == []
 
 
-@pytest.mark.parametrize("args,what", [([], "run folder (hydra.run.dir)"), (["--multirun"], "sweep folder (hydra.sweep.dir)")])
+@pytest.mark.parametrize("args,what", [([], "run folder (hydra.run.dir)"),
+                                       (["--multirun"], "sweep folder (hydra.sweep.dir)")])
 def test_cli_an_unwritable_output_folder_is_one_line(args, what, corpus_file, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
