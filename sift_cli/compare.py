@@ -472,14 +472,16 @@ def columns(row: dict, targets: list[float]) -> dict[str, str]:
 
 def caption_lines(groups: list[Group], rows: list[dict], targets_note: list[str]) -> list[str]:
     lines = list(targets_note)
-    lines += [
-        "time: training seconds (train_time_s) to the target, mean±std over seeds, linearly interpolated between "
-        "the first evaluation at or above it and the one before (eval every: the median time between evaluations)",
-        f"speedup: vanilla's mean time / this arm's (± the seeds' spread, propagated), against vanilla of the same "
-        f"setting; n.s.: not significant, Welch's t-test on the two arms' times gives p ≥ {SIGNIFICANCE:g} (or an "
-        f"arm has a single seed)",
-        "ms/step: training time per step (selection included): a time to target is the steps to it times this, so "
-        "a speedup comes from fewer steps, cheaper steps, or both"]
+    if any(key.startswith("time_to_") for key in rows[0]):  # no targets, no times and speedups to explain
+        lines += [
+            "time: training seconds (train_time_s) to the target, mean±std over seeds, linearly interpolated between "
+            "the first evaluation at or above it and the one before (eval every: the median time between "
+            "evaluations)",
+            f"speedup: vanilla's mean time / this arm's (± the seeds' spread, propagated), against vanilla of the "
+            f"same setting; n.s.: not significant, Welch's t-test on the two arms' times gives p ≥ {SIGNIFICANCE:g} "
+            f"(or an arm has a single seed)"]
+    lines.append("ms/step: training time per step (selection included): a time to target is the steps to it times "
+                 "this, so a speedup comes from fewer steps, cheaper steps, or both")
     single = [g.name for g in groups if len(g.runs) < 2]
     if single:
         lines.append(f"1 seed: no spread, not a result: {', '.join(single)}")

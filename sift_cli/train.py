@@ -361,13 +361,24 @@ def _override_error(err: Exception) -> Optional[str]:
 MULTIRUN_FLAGS = ("--multirun", "-m")
 
 
+def is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
 def check_flag_order(args: list[str]) -> None:
-    """Hydra's parser reads no override after --multirun once one came before it: say so in one line."""
-    first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
-    late = [a for a in args[first:] if a in MULTIRUN_FLAGS]
-    if late:
+    """Hydra's parser takes the overrides as one run of arguments: with --multirun between two of them, it reads
+    none after the flag and prints its usage. Say so in one line."""
+    overrides = [i for i, a in enumerate(args) if is_override(a)]
+    split = [a for i, a in enumerate(args) if a in MULTIRUN_FLAGS and overrides and overrides[0] < i < overrides[-1]]
+    if split:
         rest = " ".join(a for a in args if a not in MULTIRUN_FLAGS)
-        raise ConfigError(f"{late[0]} must come before the overrides; run: sift-train --multirun {rest}")
+        raise ConfigError(f"{split[0]} must come before the overrides; run: sift-train --multirun {rest}")
+
+
+def add_overrides(argv: list[str], added: list[str]) -> None:
+    """`added` into the command line Hydra reads, after its last override (the overrides are one run)."""
+    last = max((i for i, a in enumerate(argv) if i and is_override(a)), default=len(argv) - 1)
+    argv[last + 1:last + 1] = added
 
 
 def override_value(overrides: list[str], key: str) -> Optional[str]:
@@ -440,8 +451,9 @@ def precheck(args: list[str]) -> list[str]:
                 try:
                     cfg = compose(config_name=parsed.config_name or "config", overrides=job, return_hydra_config=True)
                     choices = dict(cfg.hydra.runtime.choices)
-                    if output is None:  # the default folder, as this job's config composes it
-                        output = cfg.hydra.sweep.dir if parsed.multirun else cfg.hydra.run.dir
+                    if output is None:  # the default folder, as this job's config composes it (if it can here)
+                        output = OmegaConf.select(cfg, "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir",
+                                                  throw_on_resolution_failure=False)
                     with open_dict(cfg):
                         del cfg["hydra"]
                     validate(cfg, choices)
@@ -495,7 +507,7 @@ def main() -> None:
     catch_early_interrupts()
     try:
         kill_point("checks", 0)
-        sys.argv += precheck(sys.argv[1:])  # Hydra reads the command line itself
+        add_overrides(sys.argv, precheck(sys.argv[1:]))  # Hydra reads the command line itself
         check_interrupted()
         _agree_on_folders()  # only after every check: a bad value never waits for the other processes
     except ConfigError as err:

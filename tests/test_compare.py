@@ -240,6 +240,7 @@ def test_no_default_targets_when_every_curve_stays_on_its_first_plateau(tmp_path
     assert "no targets: 90%, 95%, 99% of vanilla's best mean accuracy 0.0604 all lie on or below 0.0604, the " \
            "plateau the curves first flatten on" in caption
     assert "speedup" not in out.split("no targets")[0] and "×" not in out
+    assert "Welch" not in caption and "time: training seconds" not in caption  # no times to explain
 
 
 def test_a_target_every_run_reached_at_its_first_evaluation_is_warned(tmp_path, capsys):

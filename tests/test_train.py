@@ -15,7 +15,7 @@ from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.config import ConfigError
 from sift_cli.models.bert import BertMLM
 from sift_cli.records import read_metrics
-from sift_cli.train import check_launcher, run
+from sift_cli.train import add_overrides, check_flag_order, check_launcher, run
 
 
 def rows_of(run_dir):
@@ -276,6 +276,19 @@ def test_submitit_local_runs_a_sweep_one_job_at_a_time_unless_told():
     with pytest.warns(UserWarning, match="max_batch_size=2 with hydra/launcher=submitit_local runs 2 jobs of the sweep "
                                          "at once on this machine: they share its cores"):
         assert check_launcher(local + ["hydra.sweeper.max_batch_size=2"], multirun=True, jobs=4) == []
+
+
+def test_multirun_may_end_the_overrides_but_not_split_them():
+    check_flag_order(["frac=0.5,1.0", "seed=1", "--multirun"])  # Hydra reads this: no refusal
+    check_flag_order(["-m", "frac=0.5,1.0"])
+    with pytest.raises(ConfigError, match="-m must come before the overrides; run: sift-train --multirun frac=0.5 s"):
+        check_flag_order(["frac=0.5", "-m", "seed=1,2"])
+    argv = ["sift-train", "frac=0.5,1.0", "--multirun"]
+    add_overrides(argv, ["hydra.sweeper.max_batch_size=1"])  # with the others, so that Hydra still reads them all
+    assert argv == ["sift-train", "frac=0.5,1.0", "hydra.sweeper.max_batch_size=1", "--multirun"]
+    argv = ["sift-train", "--multirun", "frac=0.5,1.0"]
+    add_overrides(argv, ["x=1"])
+    assert argv == ["sift-train", "--multirun", "frac=0.5,1.0", "x=1"]
 
 
 @pytest.mark.parametrize("args,what", [([], "run folder (hydra.run.dir)"),
