@@ -387,11 +387,12 @@ def override_value(overrides: list[str], key: str) -> Optional[str]:
     return values[-1] if values else None
 
 
-def check_launcher(overrides: list[str], multirun: bool, jobs: int) -> list[str]:
+def check_launcher(overrides: list[str], multirun: bool, jobs: Optional[int]) -> list[str]:
     """The launcher's traps, before Hydra meets them: SLURM's launcher outside a sweep (Hydra ignores it and
     trains here, on a login node) or where there is no SLURM (a traceback from submitit). submitit_local
     starts every job of a sweep at once, which makes their times measure one another: it gets one job at a
-    time unless hydra.sweeper.max_batch_size says otherwise. Returns overrides to add."""
+    time unless hydra.sweeper.max_batch_size says otherwise. `jobs`: how many (None: a sweep syntax not expanded
+    here). Returns overrides to add."""
     launcher = override_value(overrides, "hydra/launcher")
     if launcher == "slurm" and not multirun:
         raise ConfigError("hydra/launcher=slurm works only under --multirun (without it Hydra trains here, e.g. on "
@@ -401,11 +402,12 @@ def check_launcher(overrides: list[str], multirun: bool, jobs: int) -> list[str]
         raise ConfigError("hydra/launcher=slurm needs SLURM, but sbatch and srun are not on this machine's PATH; run "
                           "the command on the cluster's login node, or use hydra/launcher=submitit_local to run the "
                           "same path on this machine")
-    if launcher != "submitit_local" or not multirun or jobs < 2:
+    if launcher != "submitit_local" or not multirun or (jobs is not None and jobs < 2):
         return []
     batch = override_value(overrides, "hydra.sweeper.max_batch_size")
     if batch is None:
-        print(f"sift-train: hydra/launcher=submitit_local runs the sweep's {jobs} jobs one at a time, so that their "
+        count = f"{jobs} " if jobs else ""
+        print(f"sift-train: hydra/launcher=submitit_local runs the sweep's {count}jobs one at a time, so that their "
               f"times compare (jobs started together share this machine); hydra.sweeper.max_batch_size=N runs N at "
               f"once", file=sys.stderr)
         return ["hydra.sweeper.max_batch_size=1"]
@@ -441,7 +443,7 @@ def precheck(args: list[str]) -> list[str]:
         jobs = _combinations(overrides)
     except HydraException:
         jobs = None  # a sweep syntax this check does not expand (intervals, globs): Hydra reports it
-    added = check_launcher(parsed.overrides, parsed.multirun, len(jobs or [None, None]))
+    added = check_launcher(parsed.overrides, parsed.multirun, None if jobs is None else len(jobs))
     if jobs is None:
         return added
     output = override_value(parsed.overrides, "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir")
