@@ -77,7 +77,7 @@ def test_vanilla_on_two_processes_matches_one_and_rank_0_alone_writes_the_record
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".hydra", "checkpoints", "metrics.jsonl", "rank1.log", "run.json", "sift-train.log", "summary.json"]
     assert out.stdout.count("samples back-propagated") == 1  # one summary line
-    assert out.stdout.count("| val_acc ") == 3  # a line per evaluation, from rank 0 alone
+    assert out.stdout.count(" | val_loss ") == 3  # a line per evaluation, from rank 0 alone
 
 
 def test_sift_with_global_selection_on_two_processes_matches_one(corpus_file, tmp_path, single):
