@@ -43,6 +43,9 @@ PACKAGE = Path(__file__).resolve().parent
 _python_warning = warnings.formatwarning
 HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
 STAMP = "SIFT_RUN_STAMP"  # the run's start time and a random suffix: default folder names never collide
+REPEATS = "SIFT_SWEEP_REPEATS"  # {job number: the earlier job of the sweep it would train again}, for the jobs
+# what frac=1.0 (vanilla) trains alike whatever they say, as sift-compare counts such runs once
+VANILLA_IGNORES = {"": ("criterion", "exit_layer"), "trainer": ("batch_mode", "selection_scope")}
 
 
 def _stamp() -> str:
@@ -293,6 +296,13 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     progress = str(cfg.trainer.progress).lower()
     show = progress == "true" or (progress == "auto" and not multirun and sys.stdout.isatty())
     sweep = f"sweep-{Path(hc.sweep.dir).name}" if multirun else None
+    earlier = json.loads(os.environ.get(REPEATS, "{}")).get(str(hc.job.num)) if multirun else None
+    if earlier is not None:  # nothing to train that an earlier job of this sweep does not
+        if distributed.is_main():
+            print(f"sift-train: skipping job {hc.job.num} ({' '.join(hc.overrides.task)}): it trains as job {earlier} "
+                  f"does")
+            remove_unused(Path(hc.runtime.output_dir), f"{hc.job.name}.log")
+        return None
     try:
         summary = run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep, show)
     except ConfigError as err:
@@ -420,6 +430,29 @@ def check_launcher(overrides: list[str], multirun: bool, jobs: Optional[int]) ->
     return []
 
 
+def training_identity(cfg: DictConfig) -> str:
+    """What a job trains, as text: equal for two jobs that would train the same run."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if config["frac"] >= 1:
+        for section, keys in VANILLA_IGNORES.items():
+            for key in keys:
+                (config[section] if section else config).pop(key, None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def note_repeats(identities: list[str], jobs: list[list[str]]) -> None:
+    """Tell the sweep's jobs which of them would train an earlier job's run again (vanilla under each criterion
+    of `frac=0.5,1.0 criterion=loss,entropy`): those are skipped, with a line naming them."""
+    first: dict[str, int] = {}
+    repeats = {str(i): first.setdefault(identity, i) for i, identity in enumerate(identities)}
+    repeats = {i: j for i, j in repeats.items() if int(i) != j}
+    os.environ[REPEATS] = json.dumps(repeats)
+    if repeats:
+        print(f"sift-train: {len(repeats)} of the sweep's {len(jobs)} jobs would train an earlier job's run again "
+              f"and are skipped: " + ", ".join(f"job {i} ({' '.join(jobs[int(i)])}) as job {j}"
+                                              for i, j in repeats.items()), file=sys.stderr)
+
+
 def precheck(args: list[str]) -> list[str]:
     """Compose and validate every job before any runs, so a bad value costs one line, not a sweep. Returns
     overrides to add to the command (see check_launcher)."""
@@ -447,6 +480,12 @@ def precheck(args: list[str]) -> list[str]:
     if jobs is None:
         return added
     output = override_value(parsed.overrides, "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir")
+    os.environ.pop(REPEATS, None)
+    keys = [o.split("=", 1)[0] for o in overrides]
+    # job numbers as Hydra's basic sweeper gives them: the product of the overrides in their order, each key once
+    number_jobs = parsed.multirun and len(set(keys)) == len(keys) and not override_value(parsed.overrides,
+                                                                                       "hydra/sweeper")
+    identities = []
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             for job in jobs:
@@ -459,6 +498,8 @@ def precheck(args: list[str]) -> list[str]:
                     with open_dict(cfg):
                         del cfg["hydra"]
                     validate(cfg, choices)
+                    if number_jobs:
+                        identities.append(training_identity(cfg))
                     if run_dir and not parsed.multirun:  # before Hydra writes .hydra/ into a folder it must refuse
                         check_folder(run_dir, OmegaConf.to_container(cfg, resolve=True), str(cfg.trainer.resume))
                 except MissingConfigException as err:  # an unknown choice in a config group
@@ -471,6 +512,8 @@ def precheck(args: list[str]) -> list[str]:
                     raise ConfigError(_override_error(err) or _first_lines(err)) from None
     finally:
         GlobalHydra.instance().clear()
+    if number_jobs:
+        note_repeats(identities, jobs)
     if output is not None:  # before Hydra makes it: its own failure is a traceback
         can_make(Path(output), "sweep folder (hydra.sweep.dir)" if parsed.multirun else "run folder (hydra.run.dir)")
     return added

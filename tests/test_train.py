@@ -183,8 +183,12 @@ def test_cli_multirun_sweep_writes_one_run_folder_per_job(corpus_file, tmp_path)
                      f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
-    assert sorted(s["method"] for s in summaries) == ["sift-entropy", "sift-loss", "vanilla", "vanilla"]
-    assert out.stdout.count("samples back-propagated") == 4  # one summary line per run
+    # vanilla once: frac=1.0 trains alike whatever the criterion, so job 3 (entropy) would repeat job 2 (loss)
+    assert sorted(s["method"] for s in summaries) == ["sift-entropy", "sift-loss", "vanilla"]
+    assert out.stdout.count("samples back-propagated") == 3  # one summary line per run
+    assert "1 of the sweep's 4 jobs would train an earlier job's run again and are skipped: job 3 (frac=1.0 " \
+           "criterion=entropy" in out.stderr
+    assert "sift-train: skipping job 3 (frac=1.0 criterion=entropy" in out.stdout and not (tmp_path / "3").exists()
     for job in sorted(p.parent for p in tmp_path.glob("*/summary.json")):
         # no terminal and no progress bar: the job's log says how it goes, a line per evaluation
         logged = [line.split("] - ", 1)[1] for line in (job / "sift-train.log").read_text().splitlines()
