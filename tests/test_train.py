@@ -15,7 +15,7 @@ from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.config import ConfigError
 from sift_cli.models.bert import BertMLM
 from sift_cli.records import read_metrics
-from sift_cli.train import add_overrides, check_flag_order, check_launcher, run
+from sift_cli.train import add_overrides, check_flag_order, check_launcher, run, training_identity
 
 
 def rows_of(run_dir):
@@ -270,6 +270,17 @@ def test_cli_traps_of_the_command_line_are_one_line(args, message, corpus_file, 
     assert out.returncode == 2 and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_jobs_that_train_the_same_run_are_told_apart_from_those_that_do_not():
+    def identity(*overrides):
+        return training_identity(make_config(["frac=1.0", *overrides]))
+
+    vanilla = identity("criterion=loss")
+    assert identity("criterion=entropy") == identity("exit_layer=2", "trainer.batch_mode=updated") == vanilla
+    assert identity("seed=1") != vanilla and identity("trainer.optimizer.lr=0.01") != vanilla
+    sift = [training_identity(make_config(["frac=0.5", f"criterion={c}"])) for c in ("loss", "entropy")]
+    assert sift[0] != sift[1]  # below frac=1.0 the criterion chooses the samples
 
 
 def test_submitit_local_runs_a_sweep_one_job_at_a_time_unless_told():
