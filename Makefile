@@ -35,22 +35,26 @@ clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
 
 # make bench [QUICK=1]: SIFT's step cost against its FLOP floor, vanilla against a hand-written loop
-# (benchmarks/results/step_cost[-quick].md; about 15 min on 2 CPU cores, QUICK=1 under 3 min).
+# (benchmarks/results/step_cost.md, about 15 min on 2 CPU cores; QUICK=1 checks the plumbing in 2 to 7 min,
+# with the load, into outputs/benchmarks/step_cost-quick.md, leaving the tracked reports alone).
 # Passive OpenMP threads unless set: on a shared, oversubscribed CPU spinning threads cost up to 10x.
 bench: install
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) benchmarks/step_cost.py $(if $(QUICK),--quick)
 
 # make bench-gsgd [QUICK=1]: GSGD against SGD on least squares and logistic regression with exact F*, the convex
-# check of SIFT's theory (benchmarks/results/gsgd_convex[-quick].md and its plots; about 3 min on 2 CPU cores)
+# check of SIFT's theory (benchmarks/results/gsgd_convex.md and its plots, about 3 min on 2 CPU cores; QUICK=1:
+# outputs/benchmarks/gsgd_convex-quick.md)
 bench-gsgd: install
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) benchmarks/gsgd_convex.py $(if $(QUICK),--quick)
 
 # make bench-calibration [QUICK=1]: known-answer calibration (duplicates, noise) of 7 arms on BERT-Tiny and
-# ResNet-18, 3 seeds (benchmarks/results/calibration[-quick].md; about 50 min on 2 shared CPU cores, QUICK=1 about 8)
+# ResNet-18, 3 seeds (benchmarks/results/calibration.md, about 50 min on 2 shared CPU cores; QUICK=1, about 8 min,
+# checks the plumbing into outputs/benchmarks/calibration-quick.md and determines no verdict)
 bench-calibration: install
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) benchmarks/calibration.py $(if $(QUICK),--quick)
 
 # make bench-tta [QUICK=1]: time to accuracy of vanilla, SIFT, random and exact selection through the
-# real CLI (benchmarks/results/time_to_accuracy[-quick].md; about 45 min on 2 CPU cores)
+# real CLI (benchmarks/results/time_to_accuracy.md, about 45 min on 2 CPU cores; QUICK=1:
+# outputs/benchmarks/time_to_accuracy-quick.md)
 bench-tta: install
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) benchmarks/time_to_accuracy.py $(if $(QUICK),--quick)

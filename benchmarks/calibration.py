@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra.utils import get_class  # noqa: E402
 
-from common import RESULTS, app_config, command_line, machine, markdown_table  # noqa: E402
+from common import app_config, command_line, machine, markdown_table, report_path  # noqa: E402
 from sift_cli.checkpoint import FOLDER as CHECKPOINTS  # noqa: E402
 from sift_cli.records import COMPLETED, SUMMARY, read_metrics, run_status  # noqa: E402
 from sift_cli.train import run  # noqa: E402
@@ -131,6 +131,7 @@ class Plan:
     seeds: list
     runs_dir: Path
     extra: list = field(default_factory=list)  # overrides for every run
+    quick: bool = False  # --quick: one seed, a quarter of the budget: the plumbing checked, nothing measured
 
     def folder(self, model: Model, setting: str, arm: str, seed: int) -> Path:
         return self.runs_dir / model.key / setting / f"{arm}-s{seed}"
@@ -191,6 +192,12 @@ def gap(arm: list[float], random: list[float], sigma: Optional[float], sign: int
 def observed(g: dict) -> bool:
     """The rule for a verdict: the expected sign on every seed, and a mean gap of at least one seed spread."""
     return g["wins"] == g["seeds"] and g["sigmas"] is not None and g["sigmas"] >= 1
+
+
+def verdict(g: dict, plan: Plan) -> str:
+    if plan.quick:  # one seed and a short budget: no spread to weigh a gap against
+        return "undetermined: quick mode checks the plumbing only"
+    return "observed" if observed(g) else "not observed"
 
 
 def sigmas(g: dict) -> str:
@@ -292,14 +299,14 @@ def verdicts(tables: dict, model: Model, plan: Plan) -> list[str]:
             acc, loss = versus(t, arm, "samples", "val_acc", sign), versus(t, arm, "samples", "val_loss", sign)
             sec = versus(t, arm, "seconds", "val_acc", sign)
             lines.append(f"- {setting}, {model.label}: {name} {claim} random per sample (val_acc at N = "
-                         f"{t.samples[-1]:,}): **{'observed' if observed(acc) else 'not observed'}** (by "
+                         f"{t.samples[-1]:,}): **{verdict(acc, plan)}** (by "
                          f"{sigmas(acc)}, {acc['wins']}/{acc['seeds']} seeds; val_loss: {sigmas(loss)}, "
                          f"{loss['wins']}/{loss['seeds']}; per second, val_acc at T = {t.seconds[-1]:g} s: "
                          f"{sigmas(sec)}, {sec['wins']}/{sec['seeds']})")
         if "d=0" in tables and "d=0.5" in tables:
             acc, loss = (growth(tables["d=0"], tables["d=0.5"], arm, metric) for metric in ("val_acc", "val_loss"))
             lines.append(f"- gap grows with d, {model.label}: {name}'s lead over random per sample, at d=0.5 less at "
-                         f"d=0: **{'observed' if observed(acc) else 'not observed'}** ({acc['mean']:+.4f} val_acc, "
+                         f"d=0: **{verdict(acc, plan)}** ({acc['mean']:+.4f} val_acc, "
                          f"{sigmas(acc)}, larger on {acc['wins']}/{acc['seeds']} seeds; val_loss: {sigmas(loss)}, "
                          f"{loss['wins']}/{loss['seeds']})")
     return lines
@@ -372,7 +379,9 @@ def report(plan: Plan, out: Path, started: float) -> str:
         "Rule: **observed** when the arm is on the expected side of random on every seed and the mean gap is at "
         "least one seed spread (val_acc, per sample); otherwise not observed, by the distance shown. In these "
         "lines a distance is signed so that positive is the expected side (ahead of random for duplicates, "
-        "behind it for noise) and n/3 counts the seeds on that side; in the tables below positive is ahead.", "",
+        "behind it for noise) and n/3 counts the seeds on that side; in the tables below positive is ahead."
+        + (" With --quick (one seed, a quarter of the budget) every verdict is undetermined: the run checks the "
+           "plumbing only." if plan.quick else ""), "",
         *summary_lines,
     ]
     return "\n".join(head + text) + "\n"
@@ -386,7 +395,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--runs-dir", type=Path, help="run folders (default outputs/bench-calibration/TIME); an "
                                                       "existing one resumes")
-    parser.add_argument("--out", type=Path, help="report (default benchmarks/results/calibration[-quick].md); "
+    parser.add_argument("--out", type=Path, help="report (default benchmarks/results/calibration.md; with --quick "
+                                                 "outputs/benchmarks/calibration-quick.md); "
                                                  "its plots go beside it")
     parser.add_argument("--quick", action="store_true", help="one seed, a quarter of the budget, half as many "
                                                                "evaluations: checks the script, sizes the full run")
@@ -406,8 +416,8 @@ def main() -> None:
         models = [replace(m, samples=m.samples // 4, eval_every=m.eval_every // 2) for m in models]
         seeds = seeds[:1]
     runs_dir = args.runs_dir or REPO / "outputs" / "bench-calibration" / time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or RESULTS / f"calibration{'-quick' if args.quick else ''}.md"
-    plan = Plan(models, chosen["settings"], chosen["arms"], seeds, runs_dir, args.overrides)
+    out = report_path("calibration", args.quick, args.out)
+    plan = Plan(models, chosen["settings"], chosen["arms"], seeds, runs_dir, args.overrides, args.quick)
     print(f"runs in {runs_dir}: {len(plan.jobs())} runs", flush=True)
     started = time.perf_counter()
     plan.run_all()

@@ -8,6 +8,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers
@@ -18,6 +19,13 @@ from sift_cli.hardware import cpu_model
 from sift_cli.train import CONF
 
 RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_RESULTS = Path(__file__).resolve().parents[1] / "outputs" / "benchmarks"  # not tracked
+
+
+def report_path(name: str, quick: bool, out: Optional[Path]) -> Path:
+    """Where a report goes: --out, else results/NAME.md; a --quick run checks the plumbing and measures nothing
+    worth keeping, so it goes to outputs/benchmarks/NAME-quick.md and never rewrites a tracked report."""
+    return out or (QUICK_RESULTS / f"{name}-quick.md" if quick else RESULTS / f"{name}.md")
 
 
 def app_config(overrides: list[str]):

@@ -436,7 +436,7 @@ def draw(r: Study, path: Path, decay_every: int) -> None:
 
 
 def main() -> None:
-    from common import RESULTS, command_line, machine
+    from common import command_line, machine, report_path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default=",".join(KINDS))
@@ -453,7 +453,8 @@ def main() -> None:
     parser.add_argument("--noise", default="0.1,0.3,1,3", help="levels s of the noisy exact loss")
     parser.add_argument("--proj", default="49,45,35,20", help="projected dimensions k (at most d)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 300 samples, short runs: checks the script")
-    parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/gsgd_convex[-quick].md)")
+    parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/gsgd_convex.md; "
+                                                 "with --quick outputs/benchmarks/gsgd_convex-quick.md)")
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.factors = [float(f) for f in args.factors.split(",")]
@@ -465,7 +466,7 @@ def main() -> None:
                + [Method("proj", int(k)) for k in args.proj.split(",")])
     if any(m.level > args.d for m in methods if m.kind == "proj"):
         parser.error(f"--proj {args.proj}: every projected dimension must be at most --d {args.d}")
-    out = args.out or RESULTS / f"gsgd_convex{'-quick' if args.quick else ''}.md"
+    out = report_path("gsgd_convex", args.quick, args.out)
 
     started, load = time.perf_counter(), os.getloadavg()[0]
     results = [study(kind, args, methods) for kind in args.problems.split(",")]

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, command_line, machine, markdown_table, spread
+from common import command_line, machine, markdown_table, report_path, spread
 from sift_cli.records import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="bert_tiny, 5 steps, 1 repetition")
-    parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/scaling-cpu.md)")
+    parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/scaling-cpu.md; with "
+                                                 "--quick outputs/benchmarks/scaling-cpu-quick.md)")
     parser.add_argument("overrides", nargs="*", help="extra sift-train overrides for every run")
     args = parser.parse_args()
     # passive OpenMP threads unless set (as `make bench`): on a shared CPU, spinning threads that wait
@@ -66,7 +67,7 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.quick:
         args.model, args.steps, args.reps = "bert_tiny", 5, 1
-    out = args.out or RESULTS / f"scaling-cpu{'-quick' if args.quick else ''}.md"
+    out = report_path("scaling-cpu", args.quick, args.out)
     # no data workers: each process then does its own batch preparation on its own thread, and a
     # rank's process count is the whole story; a small validation set keeps the evaluations short
     overrides = [f"model={args.model}", "data=docstrings", "data.num_workers=0", "data.max_val_samples=64",

@@ -45,7 +45,7 @@ from torch.utils import benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
-from common import RESULTS, app_config, command_line, machine, markdown_table, spread
+from common import app_config, command_line, machine, markdown_table, report_path, spread
 from sift_cli.config import first_line, validate
 from sift_cli.records import METRICS
 from sift_cli.hardware import peak_flops, synchronize
@@ -592,6 +592,14 @@ def report_setting(bench: Bench, times: dict[Arm, list[float]], profile_steps: i
     return "\n".join(text), lines
 
 
+def quiet_profiler(device: torch.device) -> None:
+    """On a machine without a GPU, torch.profiler's engine (kineto) logs its start and stop, and a failed probe for
+    GPUs (`gpuGetDeviceCount failed`), on stderr: noise that reads like an error. It reads its log level once, at
+    the first profile: above its highest level (5), it logs nothing. On a GPU its errors stay."""
+    if device.type != "cuda":
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", metavar="NAME:BxS",
@@ -615,7 +623,8 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true",
                         help="host syncs and GPU kernel time per fit() arm (always on a GPU; on the CPU a rehearsal)")
     parser.add_argument("--quick", action="store_true", help="bert_tiny and bert_mini only, exits 1 and L, frac 0.5")
-    parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/step_cost[-quick].md)")
+    parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/step_cost.md; with "
+                                                 "--quick outputs/benchmarks/step_cost-quick.md)")
     args = parser.parse_args()
     if args.quick:
         args.model = args.model or ["bert_tiny:32x128", "bert_mini:32x128"]
@@ -624,7 +633,8 @@ def main() -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     settings = [Setting.parse(s) for s in args.model or ["bert_tiny:32x128", "bert_mini:32x128", "bert:8x128"]]
-    out = args.out or RESULTS / f"step_cost{'-quick' if args.quick else ''}.md"
+    out = report_path("step_cost", args.quick, args.out)
+    quiet_profiler(device)
     fracs = [float(f) for f in args.fracs.split(",")]
 
     started, load_before = time.perf_counter(), os.getloadavg()

@@ -32,7 +32,7 @@ from typing import Optional
 
 from hydra.utils import get_class
 
-from common import RESULTS, app_config, command_line, machine, markdown_table
+from common import app_config, command_line, machine, markdown_table, report_path
 from sift_cli.checkpoint import extends, read_run
 from sift_cli.records import COMPLETED, SUMMARY, read_metrics, run_status, time_to_target
 
@@ -210,8 +210,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--runs-dir", type=Path, help="run folders (default outputs/bench-tta/EXPERIMENT-TIME); "
                                                       "an existing one resumes")
-    parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/"
-                                                 "time_to_accuracy[-quick].md)")
+    parser.add_argument("--out", type=Path, help="markdown report (default benchmarks/results/time_to_accuracy.md; "
+                                                 "with --quick outputs/benchmarks/time_to_accuracy-quick.md)")
     parser.add_argument("--plots", type=Path, help="folder for sift-compare's plots (default: beside the report)")
     parser.add_argument("--quick", action="store_true", help="20 s per run, one rate, one seed: checks the script")
     parser.add_argument("overrides", nargs="*", help="extra sift-train overrides for every run, e.g. "
@@ -228,7 +228,7 @@ def main() -> None:
     cfg = app_config([f"experiment={args.experiment}", *args.overrides])
     depth = getattr(get_class(cfg.model._target_), "depth", None) or cfg.model.num_layers  # ResNet: 4 stages
     runs_dir = args.runs_dir or REPO / "outputs" / "bench-tta" / f"{args.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = args.out or RESULTS / f"time_to_accuracy{'-quick' if args.quick else ''}.md"
+    out = report_path("time_to_accuracy", args.quick, args.out)
     sweep_budget = args.sweep_budget or cfg.trainer.max_time_s / 2
     runner = Runner(args.experiment, runs_dir, args.overrides, depth, sweep_budget)
     print(f"runs in {runs_dir}: {len(arms)} arms x ({len(lrs) if len(lrs) > 1 else 0} sweep rates + "

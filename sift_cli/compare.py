@@ -59,8 +59,13 @@ RAN_ON = ("model", "data", "data_fingerprint", "device", "accelerator", "world_s
 KNOWN_ANSWER = ("data.duplicate_fraction", "data.duplicate_pool", "data.noise_fraction")
 COMPLETED = "completed"
 TARGET_SHARES = (0.90, 0.95, 0.99)  # default targets: shares of vanilla's best mean accuracy
+FLAT = 0.1  # a curve flattens where an evaluation gains less than this share of its first rise
 SIGNIFICANCE = 0.05  # a speedup counts when Welch's t-test rejects equal mean times at this level
 UNEVEN_STEPS = 0.25  # std/mean of an arm's ms/step over seeds above which its runs met different machines
+# an arm's FLOP rate against vanilla's beyond which the machine changed between the arms. On a CPU the step is
+# compute-bound and every arm ran within 1.1x of vanilla's rate (benchmarks/results/step_cost-quick.md); on a GPU
+# a smaller step runs at a lower rate (launch-bound), so the rate is compared on CPUs only
+FLOP_RATE_TOLERANCE = 1.2
 PIPED_WIDTH = 240  # piped output gets the width a table needs, not rich's default of 80 columns
 DIAGNOSTIC_KEY = re.compile(r"(spearman|overlap)_k(\d+)")
 
@@ -204,15 +209,18 @@ def group_key(run: Run, tuned: frozenset = frozenset()) -> tuple[str, dict, dict
 
 
 def check_tuned(runs: list[Run], tuned: list[str]) -> None:
-    """A --tuned key must be a config key of these runs; a typo would silently compare nothing."""
+    """A --tuned key must be a config key of these runs (a typo would silently compare nothing), and one whose
+    value differs between them (otherwise it changes nothing, which is worth a warning)."""
     flats = [flat_config(run.summary["config"]) for run in runs]
+    values = {k: {json.dumps(flat.get(k), default=str) for flat in flats} for flat in flats for k in flat}
+    varying = ", ".join(k for k in sorted(values) if shapes_training(k) and len(values[k]) > 1) or "none"
     for key in tuned:
-        if not any(key in flat for flat in flats):
-            keys = sorted({k for flat in flats for k in flat})
-            varying = [k for k in keys if shapes_training(k)
-                       and len({json.dumps(flat.get(k), default=str) for flat in flats}) > 1]
+        if key not in values:
             raise CompareError(f"--tuned {key}: no run has this config key; the keys that vary between these "
-                               f"runs: {', '.join(varying) or 'none'}")
+                               f"runs: {varying}")
+        if len(values[key]) == 1:
+            warn(f"--tuned {key}: every run has {key}={next(iter(values[key]))}, so it changes nothing; the keys "
+                 f"that vary between these runs: {varying}")
 
 
 def group_runs(runs: list[Run], tuned: frozenset = frozenset()) -> list[Group]:
@@ -284,23 +292,58 @@ def mean_std(values: list[float]) -> MeanStd:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
+def first_plateau(rows: list[dict]) -> float:
+    """The accuracy a curve first flattens on: from its first evaluation after the start, as long as each
+    evaluation gains less than FLAT of that first rise, the highest accuracy reached (on a text corpus, e.g.,
+    predicting the most frequent tokens). A curve still rising after its first evaluation flattens there."""
+    accs = [row["val_acc"] for row in rows]
+    if len(accs) < 2:
+        return accs[0]
+    rise, level = accs[1] - accs[0], accs[1]
+    for before, acc in zip(accs[1:], accs[2:]):
+        if acc - before >= FLAT * rise:
+            break
+        level = max(level, acc)
+    return level
+
+
 def default_targets(groups: list[Group]) -> tuple[list[float], list[str]]:
-    """90, 95 and 99% of vanilla's best mean accuracy (of the best group's without vanilla), each above every
-    run's first evaluated accuracy, so that the time to it measures training, not the first evaluation."""
+    """90, 95 and 99% of vanilla's best mean accuracy (of the best group's without vanilla), each above the
+    plateau every run's curve first flattens on, so that the time to it measures training, not how soon the
+    first evaluations came."""
     vanilla = [g for g in groups if g.method == "vanilla"]
     pool = vanilla or groups
     best = max(mean_std([r.summary["best_val_acc"] for r in g.runs])[0] for g in pool)
-    start = max(r.rows[0]["val_acc"] for g in groups for r in g.runs)
+    plateau = max(first_plateau(r.rows) for g in groups for r in g.runs)
     # floored to 4 decimals: a printed target never exceeds the accuracy it was derived from
     shares = sorted({math.floor(best * share * 1e4) / 1e4 for share in TARGET_SHARES})
     whose = "vanilla's" if vanilla else "the best group's (no vanilla runs)"
+    kept = [t for t in shares if t > plateau]
+    if not kept:
+        return [], [f"no targets: {', '.join(f'{s:.0%}' for s in TARGET_SHARES)} of {whose} best mean accuracy "
+                    f"{best:.4f} all lie on or below {plateau:.4f}, the plateau the curves first flatten on: the "
+                    f"runs did not leave it, so no time to target would measure training; train longer, or "
+                    f"give --target"]
     lines = [f"targets: {', '.join(f'{s:.0%}' for s in TARGET_SHARES)} of {whose} best mean accuracy {best:.4f}"
              + (f", at 4 decimals only {', '.join(f'{t:g}' for t in shares)}" if len(shares) < len(TARGET_SHARES)
                 else "")]
-    if dropped := [t for t in shares if t <= start]:
-        lines.append(f"dropped {', '.join(f'{t:g}' for t in dropped)}: not above {start:.4f}, the highest "
-                     f"accuracy of any run at its first evaluation; give --target to choose")
-    return [t for t in shares if t > start], lines
+    if dropped := [t for t in shares if t <= plateau]:
+        lines.append(f"dropped {', '.join(f'{t:g}' for t in dropped)}: not above {plateau:.4f}, the highest "
+                     f"plateau a run's curve first flattened on; give --target to choose")
+    return kept, lines
+
+
+def reached_at_once(groups: list[Group], targets: list[float]) -> list[str]:
+    """A warning for each target that every run reached by its first evaluation after step 0: its times are
+    interpolated from the start to that evaluation, so they measure when the evaluations came, not training."""
+    runs = [r for g in groups for r in g.runs]
+    lines = []
+    for target in targets:
+        if all(max(row["val_acc"] for row in r.rows[:2]) >= target for r in runs):
+            lines.append(f"every run reached {target:g} by its first evaluation after step 0: its times "
+                         f"measure the evaluation schedule, not training; choose a higher --target or evaluate "
+                         f"more often (trainer.eval_every_s, trainer.eval_every_steps)")
+    return lines
 
 
 def times_to(group: Group, target: float) -> list[Optional[float]]:
@@ -336,6 +379,14 @@ def welch_p(base: list[float], times: list[float]) -> Optional[float]:
     return None if math.isnan(p) else p
 
 
+def flop_rate(group: Group) -> MeanStd:
+    """The model TFLOP/s each run achieved (flops_per_step x steps / train_time_s), mean and std over seeds;
+    (None, None) where a record lacks flops_per_step (older records)."""
+    rates = [r.summary["flops_per_step"] * r.summary["steps"] / r.summary["train_time_s"] / 1e12
+             for r in group.runs if r.summary.get("flops_per_step") and r.summary.get("train_time_s")]
+    return mean_std(rates) if rates and len(rates) == len(group.runs) else (None, None)
+
+
 def incomplete_note(runs: list[Run]) -> str:
     statuses = [run.status for run in runs if run.status != COMPLETED]
     return ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
@@ -350,14 +401,18 @@ def group_stats(group: Group, groups: list[Group], targets: list[float]) -> dict
     loss = mean_std(losses) if None not in losses else (None, None)
     step_ms = [1e3 * r.summary["train_time_s"] / r.summary["steps"] for r in group.runs if r.summary.get("steps")]
     step_ms = mean_std(step_ms) if len(step_ms) == len(group.runs) else (None, None)
+    tflops = flop_rate(group)
     row = {"arm": group.arm, "method": group.method, "frac": s["frac"],
            "exit_layer": s["exit_layer"] if "exit_layer" in group.knobs else None, "setting": group.label,
            "runs": len(group.runs) + len(group.repeats), "seeds": len(group.runs),
            "incomplete": incomplete_note(group.runs), "eval_interval_s": eval_interval(group),
-           "ms_per_step_mean": step_ms[0], "ms_per_step_std": step_ms[1],
+           "ms_per_step_mean": step_ms[0], "ms_per_step_std": step_ms[1], "tflops_mean": tflops[0],
+           "tflops_std": tflops[1], "flop_rate_vs_vanilla": None,
            "final_acc_mean": final[0], "final_acc_std": final[1], "best_acc_mean": best[0], "best_acc_std": best[1],
            "final_loss_mean": loss[0], "final_loss_std": loss[1]}
     reference = reference_for(group, groups)
+    if reference is not None and tflops[0] and (base_rate := flop_rate(reference)[0]):
+        row["flop_rate_vs_vanilla"] = tflops[0] / base_rate
     for target in targets:
         times = times_to(group, target)
         reached = [t for t in times if t is not None]
@@ -425,14 +480,16 @@ def columns(row: dict, targets: list[float]) -> dict[str, str]:
 
 def caption_lines(groups: list[Group], rows: list[dict], targets_note: list[str]) -> list[str]:
     lines = list(targets_note)
-    lines += [
-        "time: training seconds (train_time_s) to the target, mean±std over seeds, linearly interpolated between "
-        "the first evaluation at or above it and the one before (eval every: the median time between evaluations)",
-        f"speedup: vanilla's mean time / this arm's (± the seeds' spread, propagated), against vanilla of the same "
-        f"setting; n.s.: not significant, Welch's t-test on the two arms' times gives p ≥ {SIGNIFICANCE:g} (or an "
-        f"arm has a single seed)",
-        "ms/step: training time per step (selection included): a time to target is the steps to it times this, so "
-        "a speedup comes from fewer steps, cheaper steps, or both"]
+    if any(key.startswith("time_to_") for key in rows[0]):  # no targets, no times and speedups to explain
+        lines += [
+            "time: training seconds (train_time_s) to the target, mean±std over seeds, linearly interpolated between "
+            "the first evaluation at or above it and the one before (eval every: the median time between "
+            "evaluations)",
+            f"speedup: vanilla's mean time / this arm's (± the seeds' spread, propagated), against vanilla of the "
+            f"same setting; n.s.: not significant, Welch's t-test on the two arms' times gives p ≥ {SIGNIFICANCE:g} "
+            f"(or an arm has a single seed)"]
+    lines.append("ms/step: training time per step (selection included): a time to target is the steps to it times "
+                 "this, so a speedup comes from fewer steps, cheaper steps, or both")
     single = [g.name for g in groups if len(g.runs) < 2]
     if single:
         lines.append(f"1 seed: no spread, not a result: {', '.join(single)}")
@@ -443,6 +500,15 @@ def caption_lines(groups: list[Group], rows: list[dict], targets_note: list[str]
     if uneven:  # the same step, timed differently: the machine changed under the runs, not the method
         lines.append(f"uneven: ms/step varies between seeds (std/mean) of {', '.join(uneven)}: the machine's load "
                      f"or clock changed between runs, and their times compare the machine too")
+    changed = [f"{r['arm']}{' ' + r['setting'] if r['setting'] else ''} ({r['flop_rate_vs_vanilla']:.2f}x: "
+               f"{r['tflops_mean']:.3g} TFLOP/s)" for g, r in zip(groups, rows)
+               if g.first.get("device") == "cpu" and r["flop_rate_vs_vanilla"]
+               and not 1 / FLOP_RATE_TOLERANCE <= r["flop_rate_vs_vanilla"] <= FLOP_RATE_TOLERANCE]
+    if changed:  # one machine runs every arm's model at about one rate: a different rate is a different machine
+        lines.append(f"machine: the FLOP rate (model TFLOP/s) of {', '.join(changed)} differs from vanilla's of the "
+                     f"same setting by more than {FLOP_RATE_TOLERANCE:g}x: the machine's load changed between the "
+                     f"arms, and their speedups compare the machine too; interleave the arms (seed first in the "
+                     f"sweep's overrides) and run again")
     passes = [run.summary["data_passes"] for g in groups for run in g.runs if "data_passes" in run.summary]
     if passes:  # a pre-training comparison reads its corpus about once; many passes measure memorisation
         lines.append(f"data: the runs read their training data {min(passes):,.1f} to {max(passes):,.1f} times "
@@ -629,7 +695,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run folders or sweep folders (searched recursively)")
     parser.add_argument("--target", type=target_value, action="append", metavar="ACC",
                         help="target validation accuracy, repeatable (default: 90/95/99%% of vanilla's best, "
-                             "those above every run's first evaluated accuracy)")
+                             "those above the plateau every run's curve first flattens on)")
     parser.add_argument("--csv", type=Path, metavar="FILE", help="also write the table's numbers as CSV")
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as markdown")
     parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the plots (default: the first PATH)")
@@ -651,8 +717,11 @@ def compare(args: argparse.Namespace, console: Optional[Console] = None) -> None
         targets, targets_note = sorted(set(args.target)), ["targets: given with --target"]
     else:
         targets, targets_note = default_targets(groups)
+    at_once = reached_at_once(groups, targets)
+    for line in at_once:
+        warn(line)
     rows = [group_stats(g, groups, targets) for g in groups]
-    caption = caption_lines(groups, rows, targets_note)
+    caption = caption_lines(groups, rows, targets_note + [f"warning: {line}" for line in at_once])
     console = console or Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
     lines = print_table(rows, targets, caption, console)
     written = []

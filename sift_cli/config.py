@@ -208,6 +208,8 @@ def validate(cfg, choices: Optional[dict] = None) -> None:
                choice_name(cfg, choices, "data"))
     if not (isinstance(cfg.frac, (int, float)) and 0 < cfg.frac <= 1):
         raise ConfigError(f"frac={cfg.frac} is outside (0, 1]; use e.g. frac=0.5 (frac=1.0 is vanilla training)")
+    if cfg.seed < 0:  # numpy's generators, and the seeds derived from this one, take none below 0
+        raise ConfigError(f"seed={cfg.seed} must be 0 or more")
     if cfg.exit_layer != "depth" and not (isinstance(cfg.exit_layer, int) and not isinstance(cfg.exit_layer, bool)):
         raise ConfigError(f"exit_layer={cfg.exit_layer} is not allowed; give a block number (1 is the first) or "
                           f"depth (the last: the exact loss)")

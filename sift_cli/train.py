@@ -43,6 +43,10 @@ PACKAGE = Path(__file__).resolve().parent
 _python_warning = warnings.formatwarning
 HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
 STAMP = "SIFT_RUN_STAMP"  # the run's start time and a random suffix: default folder names never collide
+REPEATS = "SIFT_SWEEP_REPEATS"  # {job number: the earlier job of the sweep it would train again}, for the jobs
+# what frac=1.0 (vanilla) trains alike whatever they say, as sift-compare counts such runs once
+VANILLA_IGNORES = {"": ("criterion", "exit_layer"), "trainer": ("batch_mode", "selection_scope"),
+                   "selection": ("start", "end", "every")}
 
 
 def _stamp() -> str:
@@ -109,6 +113,10 @@ def build(node: DictConfig, refusal_of: Optional[str] = None, **kwargs):
         raise
 
 
+def not_writable(folder: Path, what: str, why: str) -> ConfigError:
+    return ConfigError(f"the {what} {folder} is not writable ({why}); choose another folder or fix its permissions")
+
+
 def writable(folder: Path, what: str) -> None:
     """A folder the run must write to: one line naming it when it cannot."""
     try:
@@ -117,8 +125,26 @@ def writable(folder: Path, what: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"the {what} {folder} is not writable ({err.strerror}); choose another "
-                          f"folder or fix its permissions") from None
+        raise not_writable(folder, what, err.strerror) from None
+
+
+def can_make(folder: Path, what: str) -> None:
+    """Before anything is written: a folder that exists, or could be made, and could be written to, judged by its
+    nearest existing ancestor (access(2) sees a read-only file system as well as permissions)."""
+    folder = folder.expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise not_writable(folder, what, f"{existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise not_writable(folder, what, "read-only file system" if read_only_mount(existing) else
+                           "permission denied")
+
+
+def read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: Optional[str] = None,
@@ -271,6 +297,16 @@ def warning_line(message, category, filename, lineno, line=None) -> str:
     return _python_warning(message, category, filename, lineno, line)
 
 
+def remove_unused(folder: Path, log_name: str) -> None:
+    """The folder of a run refused before it began, when it holds only what Hydra put there (.hydra/ and the log):
+    no folder is left behind for a run that never was."""
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    if entries and all(entry.name in (".hydra", log_name) for entry in entries):
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        folder.rmdir()
+
+
 def fail(err: Exception) -> None:
     print(f"sift-train: error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -283,9 +319,18 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     progress = str(cfg.trainer.progress).lower()
     show = progress == "true" or (progress == "auto" and not multirun and sys.stdout.isatty())
     sweep = f"sweep-{Path(hc.sweep.dir).name}" if multirun else None
+    earlier = json.loads(os.environ.get(REPEATS, "{}")).get(str(hc.job.num)) if multirun else None
+    if earlier is not None:  # nothing to train that an earlier job of this sweep does not
+        if distributed.is_main():
+            print(f"sift-train: skipping job {hc.job.num} ({' '.join(hc.overrides.task)}): it trains as job {earlier} "
+                  f"does")
+            remove_unused(Path(hc.runtime.output_dir), f"{hc.job.name}.log")
+        return None
     try:
         summary = run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep, show)
     except ConfigError as err:
+        if not multirun and distributed.is_main():  # a sweep's job folder stays: sift-compare names the failed job
+            remove_unused(Path(hc.runtime.output_dir), f"{hc.job.name}.log")
         fail(err)
     except Stopped as stopped:
         if stopped.status == "interrupted" and distributed.is_main():  # a default folder's name is new each time
@@ -324,6 +369,11 @@ def _override_error(err: Exception) -> Optional[str]:
     or a value of the wrong type."""
     from sift_cli.config import Config, LoggerConfig, SelectionConfig, TrainerConfig
 
+    scalar = re.search(r"Error merging override ([^=\s]+)=(.*?) Invalid value assigned: \w+ is not a ListConfig",
+                       f"{err} {err.__cause__}", re.S)
+    if scalar:
+        key, value = scalar.groups()
+        return f"{key}={value} is not a list; write {key}=[{value}]"
     wrong_type = re.search(r"Error merging override ([^=\s]+)=(.*?) Value .*?(?:converted to (\w+)|not a valid bool)",
                            f"{err} {err.__cause__}", re.S)
     if wrong_type:
@@ -341,15 +391,102 @@ def _override_error(err: Exception) -> Optional[str]:
     return f"{key} is not a known key{hint}"
 
 
-def precheck(args: list[str]) -> None:
-    """Compose and validate every job before any runs, so a bad value costs one line, not a sweep."""
+MULTIRUN_FLAGS = ("--multirun", "-m")
+
+
+def is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+def check_flag_order(args: list[str]) -> None:
+    """Hydra's parser takes the overrides as one run of arguments: with --multirun between two of them, it reads
+    none after the flag and prints its usage. Say so in one line."""
+    overrides = [i for i, a in enumerate(args) if is_override(a)]
+    split = [a for i, a in enumerate(args) if a in MULTIRUN_FLAGS and overrides and overrides[0] < i < overrides[-1]]
+    if split:
+        rest = " ".join(a for a in args if a not in MULTIRUN_FLAGS)
+        raise ConfigError(f"{split[0]} must come before the overrides; run: sift-train --multirun {rest}")
+
+
+def add_overrides(argv: list[str], added: list[str]) -> None:
+    """`added` into the command line Hydra reads, after its last override (the overrides are one run)."""
+    last = max((i for i, a in enumerate(argv) if i and is_override(a)), default=len(argv) - 1)
+    argv[last + 1:last + 1] = added
+
+
+def override_value(overrides: list[str], key: str) -> Optional[str]:
+    """The value an override list gives `key` (`key=v`, `+key=v` or `++key=v`), the last one winning."""
+    values = [a.split("=", 1)[1] for a in overrides if "=" in a and a.split("=", 1)[0].lstrip("+") == key]
+    return values[-1] if values else None
+
+
+def check_launcher(overrides: list[str], multirun: bool, jobs: Optional[int]) -> list[str]:
+    """The launcher's traps, before Hydra meets them: SLURM's launcher outside a sweep (Hydra ignores it and
+    trains here, on a login node) or where there is no SLURM (a traceback from submitit). submitit_local
+    starts every job of a sweep at once, which makes their times measure one another: it gets one job at a
+    time unless hydra.sweeper.max_batch_size says otherwise. `jobs`: how many (None: a sweep syntax not expanded
+    here). Returns overrides to add."""
+    launcher = override_value(overrides, "hydra/launcher")
+    if launcher == "slurm" and not multirun:
+        raise ConfigError("hydra/launcher=slurm works only under --multirun (without it Hydra trains here, e.g. on "
+                          "a login node); run: sift-train --multirun hydra/launcher=slurm ... (one job is a sweep of "
+                          "one)")
+    if launcher == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ConfigError("hydra/launcher=slurm needs SLURM, but sbatch and srun are not on this machine's PATH; run "
+                          "the command on the cluster's login node, or use hydra/launcher=submitit_local to run the "
+                          "same path on this machine")
+    if launcher != "submitit_local" or not multirun or (jobs is not None and jobs < 2):
+        return []
+    batch = override_value(overrides, "hydra.sweeper.max_batch_size")
+    if batch is None:
+        count = f"{jobs} " if jobs else ""
+        print(f"sift-train: hydra/launcher=submitit_local runs the sweep's {count}jobs one at a time, so that their "
+              f"times compare (jobs started together share this machine); hydra.sweeper.max_batch_size=N runs N at "
+              f"once", file=sys.stderr)
+        return ["hydra.sweeper.max_batch_size=1"]
+    at_once = "every job" if batch in ("null", "None") else f"{batch} jobs" if batch.isdigit() and int(batch) > 1 \
+        else None
+    if at_once:
+        warnings.warn(f"hydra.sweeper.max_batch_size={batch} with hydra/launcher=submitit_local runs {at_once} of "
+                      f"the sweep at once on this machine: they share its cores, so their times measure one "
+                      f"another's load as well")
+    return []
+
+
+def training_identity(cfg: DictConfig) -> str:
+    """What a job trains, as text: equal for two jobs that would train the same run."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if config["frac"] >= 1:
+        for section, keys in VANILLA_IGNORES.items():
+            for key in keys:
+                (config[section] if section else config).pop(key, None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def note_repeats(identities: list[str], jobs: list[list[str]]) -> None:
+    """Tell the sweep's jobs which of them would train an earlier job's run again (vanilla under each criterion
+    of `frac=0.5,1.0 criterion=loss,entropy`): those are skipped, with a line naming them."""
+    first: dict[str, int] = {}
+    repeats = {str(i): first.setdefault(identity, i) for i, identity in enumerate(identities)}
+    repeats = {i: j for i, j in repeats.items() if int(i) != j}
+    os.environ[REPEATS] = json.dumps(repeats)
+    if repeats:
+        print(f"sift-train: {len(repeats)} of the sweep's {len(jobs)} jobs would train an earlier job's run again "
+              f"and are skipped: " + ", ".join(f"job {i} ({' '.join(jobs[int(i)])}) as job {j}"
+                                              for i, j in repeats.items()), file=sys.stderr)
+
+
+def precheck(args: list[str]) -> list[str]:
+    """Compose and validate every job before any runs, so a bad value costs one line, not a sweep. Returns
+    overrides to add to the command (see check_launcher)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
 
     if any(a.split("=")[0] in HYDRA_INFO_FLAGS for a in args):
-        return
+        return []
+    check_flag_order(args)
     parsed, _ = get_args_parser().parse_known_args(args)
     overrides = [a for a in parsed.overrides if not a.startswith("hydra")]
     run_dir = next((Path(a.split("=", 1)[1]) for a in parsed.overrides if a.startswith("hydra.run.dir=")), None)
@@ -361,16 +498,31 @@ def precheck(args: list[str]) -> None:
     try:
         jobs = _combinations(overrides)
     except HydraException:
-        return  # a sweep syntax this check does not expand (intervals, globs): Hydra reports it
+        jobs = None  # a sweep syntax this check does not expand (intervals, globs): Hydra reports it
+    added = check_launcher(parsed.overrides, parsed.multirun, None if jobs is None else len(jobs))
+    if jobs is None:
+        return added
+    output = override_value(parsed.overrides, "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir")
+    os.environ.pop(REPEATS, None)
+    keys = [o.split("=", 1)[0] for o in overrides]
+    # job numbers as Hydra's basic sweeper gives them: the product of the overrides in their order, each key once
+    number_jobs = parsed.multirun and len(set(keys)) == len(keys) and not override_value(parsed.overrides,
+                                                                                       "hydra/sweeper")
+    identities = []
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             for job in jobs:
                 try:
                     cfg = compose(config_name=parsed.config_name or "config", overrides=job, return_hydra_config=True)
                     choices = dict(cfg.hydra.runtime.choices)
+                    if output is None:  # the default folder, as this job's config composes it (if it can here)
+                        output = OmegaConf.select(cfg, "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir",
+                                                  throw_on_resolution_failure=False)
                     with open_dict(cfg):
                         del cfg["hydra"]
                     validate(cfg, choices)
+                    if number_jobs:
+                        identities.append(training_identity(cfg))
                     if run_dir and not parsed.multirun:  # before Hydra writes .hydra/ into a folder it must refuse
                         check_folder(run_dir, OmegaConf.to_container(cfg, resolve=True), str(cfg.trainer.resume))
                 except MissingConfigException as err:  # an unknown choice in a config group
@@ -383,6 +535,11 @@ def precheck(args: list[str]) -> None:
                     raise ConfigError(_override_error(err) or _first_lines(err)) from None
     finally:
         GlobalHydra.instance().clear()
+    if number_jobs:
+        note_repeats(identities, jobs)
+    if output is not None:  # before Hydra makes it: its own failure is a traceback
+        can_make(Path(output), "sweep folder (hydra.sweep.dir)" if parsed.multirun else "run folder (hydra.run.dir)")
+    return added
 
 
 def _first_lines(err: Exception) -> str:
@@ -418,7 +575,7 @@ def main() -> None:
     catch_early_interrupts()
     try:
         kill_point("checks", 0)
-        precheck(sys.argv[1:])
+        add_overrides(sys.argv, precheck(sys.argv[1:]))  # Hydra reads the command line itself
         check_interrupted()
         _agree_on_folders()  # only after every check: a bad value never waits for the other processes
     except ConfigError as err:

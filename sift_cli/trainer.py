@@ -492,11 +492,23 @@ def diagnose(model, probe: dict, frac: float, criterion: str, autocast) -> dict:
     return row
 
 
-def progress_bar(enabled: bool) -> Progress:
+@contextlib.contextmanager
+def progress_bar(enabled: bool) -> Iterator[Progress]:
+    """The training bar on a terminal. While it shows, log lines (one per evaluation) to the terminal go through
+    rich's stand-in for the stream, so that they print above the bar rather than into it."""
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.fields[step]}"),
                TextColumn("{task.fields[rate]:,.0f} samples/s"), TextColumn("{task.fields[mfu]}"),
                TextColumn("val_acc {task.fields[val_acc]}"), TimeElapsedColumn()]
-    return Progress(*columns, disable=not enabled, transient=False)
+    with Progress(*columns, disable=not enabled, transient=False) as bar:
+        stand_ins = {sys.__stdout__: sys.stdout, sys.__stderr__: sys.stderr}  # rich's, while the bar shows
+        handlers = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler
+                    and stand_ins.get(h.stream, h.stream) is not h.stream]
+        streams = [h.setStream(stand_ins[h.stream]) for h in handlers]
+        try:
+            yield bar
+        finally:
+            for handler, stream in zip(handlers, streams):
+                handler.setStream(stream)
 
 
 # --- stopping: budgets, preemption signals, Ctrl-C ------------------------------------------
@@ -736,6 +748,13 @@ class Training:
         self.record.log(row)
         if distributed.is_main():  # the one process that writes summary.json
             self.record.progress(self.totals(records.RUNNING))
+            # a line per evaluation in the log: a run without a terminal (a sweep, a cluster job) shows its pulse
+            speed = f"MFU {row['mfu']:.1%}" if "mfu" in row else f"{row['tflops']:.3g} TFLOP/s" if "tflops" in row \
+                else ""
+            log.info("step %d | train %.1f s | val_acc %.4f | val_loss %.4f | %.0f samples/s%s", state.step,
+                     self.clock.total, row["val_acc"], row["val_loss"],
+                     state.samples_seen / self.clock.total if self.clock.total else 0.0,
+                     f" | {speed}" if speed else "")
         return row
 
     def diagnose(self) -> None:
@@ -880,7 +899,10 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
                 checkpointer.write_clock(state.step, elapsed, state.lost_time_s, state.restarts)
                 bar.update(task, completed=elapsed if t.max_time_s else state.step, step=state.step,
                            rate=state.samples_seen / max(elapsed, 1e-9))
-            if due(cfg.diagnostics.every_n_steps):  # the last step's and a stopped one's too: a probe is cheap
+            # when due (a stopped step's too: a probe is cheap), and the budget's last step's whatever every_n_steps
+            # divides (not a stopped one's off the schedule: a resumed run's record is that of one never stopped)
+            spent = state.step >= max_steps or elapsed >= max_time
+            if due(cfg.diagnostics.every_n_steps) or (spent and cfg.diagnostics.every_n_steps):
                 with training.off_clock(stop):
                     training.diagnose()
             if training.request != Request.NONE or state.step >= max_steps or elapsed >= max_time:

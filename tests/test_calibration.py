@@ -80,3 +80,17 @@ def test_tiny_plan_of_two_arms_writes_per_sample_and_per_second_rows(corpus_file
     verdicts = [line for line in text.splitlines() if line.startswith("- d=0.5, tiny: sift")]
     assert len(verdicts) == 1 and ("**observed**" in verdicts[0] or "**not observed**" in verdicts[0])
     assert any(line.startswith("- gap grows with d, tiny: sift") for line in text.splitlines())
+    # --quick: one seed, a short budget; no verdict, rather than "not observed" for want of a spread
+    quick = c.report(c.replace(plan, seeds=[0], quick=True), tmp_path / "quick.md", started=0.0)
+    verdicts = [line for line in quick.splitlines() if line.startswith(("- d=0.5, tiny: sift", "- gap grows"))]
+    assert len(verdicts) == 2 and all("**undetermined: quick mode checks the plumbing only**" in v for v in verdicts)
+    assert "observed" not in "".join(verdicts)
+
+
+def test_a_quick_report_leaves_the_tracked_reports_alone():
+    import common
+
+    assert common.report_path("calibration", True, None) == common.QUICK_RESULTS / "calibration-quick.md"
+    assert not common.QUICK_RESULTS.is_relative_to(common.RESULTS)
+    assert common.report_path("calibration", False, None) == common.RESULTS / "calibration.md"
+    assert common.report_path("calibration", True, Path("mine.md")) == Path("mine.md")

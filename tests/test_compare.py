@@ -203,25 +203,65 @@ def test_table_numbers_match_the_records(tmp_path, capsys):
     assert "1 seed" not in text  # every arm has two
 
 
-def test_default_targets_lie_above_every_first_evaluation(tmp_path, capsys):
-    """A run whose first evaluation is already at 0.74 would reach 90% of vanilla's best (0.72) at once."""
-    write_run(tmp_path / "runs/0", [0.1, 0.5, 0.8], seed=0)
-    write_run(tmp_path / "runs/1", [0.1, 0.6, 0.8], seed=1)
-    sift(tmp_path / "runs/2", [0.74, 0.78, 0.8])
-    code, out, err = sift_compare(capsys, tmp_path / "runs", "--csv", tmp_path / "table.csv", "--out", tmp_path)
+def target_columns(path: Path) -> set[float]:
+    return {float(c.removeprefix("reached_")) for c in path.read_text().splitlines()[0].split(",")
+            if c.startswith("reached_")}
+
+
+def test_default_targets_lie_above_the_plateau_a_curve_first_flattens_on(tmp_path, capsys):
+    """Vanilla leaves its early plateau (about 0.05) and ends at 0.405; the random arm rises to 0.37 at its first
+    evaluation and stays there, so 90% of vanilla's best (0.3645) is reached at its first evaluation and goes."""
+    root = tmp_path / "runs"
+    write_run(root / "v0", [0.0004, 0.05, 0.052, 0.053, 0.2, 0.40], seed=0)
+    write_run(root / "v1", [0.0004, 0.048, 0.050, 0.051, 0.25, 0.41], seed=1)
+    sift(root / "s0", [0.0004, 0.05, 0.3, 0.41, 0.42])
+    write_run(root / "r0", [0.0004, 0.37, 0.372, 0.373], method="random", frac=0.5, criterion="random")
+    code, out, err = sift_compare(capsys, root, "--csv", tmp_path / "t.csv", "--out", tmp_path)
     assert code == 0, err
-    columns = (tmp_path / "table.csv").read_text().splitlines()[0].split(",")
-    assert {float(c.removeprefix("reached_")) for c in columns if c.startswith("reached_")} == {0.76, 0.792}
-    assert "0.8000" in out and "dropped 0.72: not above 0.7400" in out and "0.7400" in out
+    best = mean([0.40, 0.41])
+    shares = [math.floor(best * share * 1e4) / 1e4 for share in (0.90, 0.95, 0.99)]
+    assert target_columns(tmp_path / "t.csv") == set(shares[1:])
+    caption = " ".join(out.split())
+    assert f"dropped {shares[0]:g}: not above 0.3730, the highest plateau a run's curve first flattened on" in caption
+    assert "by its first evaluation after step 0" not in err
+
+
+def test_no_default_targets_when_every_curve_stays_on_its_first_plateau(tmp_path, capsys):
+    """`make run`'s curves: the most frequent tokens learnt by the first evaluation, then flat. Targets there
+    would be reached by every arm at once, and a speedup of 1.00x would measure the evaluation schedule."""
+    root = tmp_path / "runs"
+    write_run(root / "v", [0.0004, 0.0543, 0.0581, 0.0598, 0.0604])
+    sift(root / "s", [0.0004, 0.0560, 0.0590, 0.0601])
+    write_run(root / "r", [0.0004, 0.0550, 0.0589, 0.0600], method="random", frac=0.5, criterion="random")
+    code, out, err = sift_compare(capsys, root, "--csv", tmp_path / "t.csv", "--out", tmp_path)
+    assert code == 0, err
+    assert target_columns(tmp_path / "t.csv") == set()
+    caption = " ".join(out.split())
+    assert "no targets: 90%, 95%, 99% of vanilla's best mean accuracy 0.0604 all lie on or below 0.0604, the " \
+           "plateau the curves first flatten on" in caption
+    assert "speedup" not in out.split("no targets")[0] and "×" not in out
+    assert "Welch" not in caption and "time: training seconds" not in caption  # no times to explain
+
+
+def test_a_target_every_run_reached_at_its_first_evaluation_is_warned(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root / f"v{seed}", [0.0004, 0.0543 + seed / 1e3, 0.0581, 0.0604], seed=seed)
+        sift(root / f"s{seed}", [0.0004, 0.0560, 0.0590, 0.0601], seed=seed)
+    code, out, err = sift_compare(capsys, root, "--target", 0.05, "--target", 0.058, "--out", tmp_path)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "by its first evaluation after step 0" in line]
+    assert len(warned) == 1 and warned[0].startswith("sift-compare: warning: every run reached 0.05 by its first")
+    assert "warning: every run reached 0.05 by its first evaluation" in " ".join(out.split())
 
 
 def test_default_targets_that_round_to_one_value_say_so(tmp_path, capsys):
-    for seed in (0, 1):  # an untrained smoke run: 90, 95 and 99% of 0.0004 are all 0.0003 at 4 decimals
-        write_run(tmp_path / f"runs/{seed}", [0.0004, 0.0004], seed=seed)
+    for seed in (0, 1):  # a nearly untrained run: 90, 95 and 99% of 0.0004 are all 0.0003 at 4 decimals
+        write_run(tmp_path / f"runs/{seed}", [0.0, 0.0001, 0.0004], seed=seed)
     code, out, err = sift_compare(capsys, tmp_path / "runs", "--out", tmp_path)
     assert code == 0, err
     caption = " ".join(out.split())
-    assert "best mean accuracy 0.0004, at 4 decimals only 0.0003 dropped 0.0003: not above 0.0004" in caption
+    assert "best mean accuracy 0.0004, at 4 decimals only 0.0003" in caption and "dropped" not in caption
 
 
 def test_interrupted_runs_are_left_out_unless_asked(tmp_path, capsys):
@@ -380,6 +420,37 @@ def test_the_caption_names_an_arm_whose_steps_were_timed_unevenly(tmp_path, caps
     assert "sift-loss" not in caption.split("uneven:")[1]  # 5% apart: one machine's noise
 
 
+def test_the_caption_names_an_arm_whose_flop_rate_differs_from_vanillas(tmp_path, capsys):
+    """`experiment=digits_resnet` run back to back while the load rose: SIFT's step ran at 1.7x vanilla's FLOP
+    rate on the same CPU. Every seed of each arm is even, so only a comparison across arms sees it. On a GPU a
+    smaller step runs at a lower rate by itself: not named there."""
+    root, gpu = tmp_path / "runs", {"accelerator": "NVIDIA H100 80GB HBM3", "device": "cuda"}
+    arms = {"vanilla": (1e9, 2.0), "sift-loss k1 f0.5": (0.6e9, 0.7), "random f0.5": (0.5e9, 1.05)}
+    for seed in (0, 1):
+        for where, extra in (("cpu", {}), ("gpu", gpu)):
+            for arm, (flops, seconds) in arms.items():
+                kind = {"method": "random", "frac": 0.5, "criterion": "random"} if arm.startswith("random") else \
+                    {"method": "sift-loss", "frac": 0.5} if arm.startswith("sift") else {}
+                write_run(root / f"{where}-{arm}-{seed}", [0.1, 0.5, 0.8], [0, seconds / 2, seconds + seed / 100],
+                          seed=seed, summary={**extra, "flops_per_step": flops}, **kind)
+    code, out, err = sift_compare(capsys, root, "--target", 0.5, "--csv", tmp_path / "t.csv", "--out", tmp_path)
+    assert code == 0, err
+    with open(tmp_path / "t.csv") as f:
+        rows = {(r["arm"], r["setting"].split()[-1]): r for r in csv.DictReader(f)}
+    for (arm, where), row in rows.items():
+        flops, seconds = arms[arm]
+        rates = [flops * 20 / (seconds + seed / 100) / 1e12 for seed in (0, 1)]  # 20 steps a run
+        assert number(row["tflops_mean"]) == pytest.approx(mean(rates))
+        base = mean(arms["vanilla"][0] * 20 / (arms["vanilla"][1] + seed / 100) / 1e12 for seed in (0, 1))
+        assert number(row["flop_rate_vs_vanilla"]) == pytest.approx(mean(rates) / base)
+    caption = " ".join(out.split())
+    machine = caption.split("machine: ")[1].split(" (model TFLOP/s) of ")[1].split(" differs from")[0]
+    ratio = number(rows[("sift-loss k1 f0.5", "device=cpu")]["flop_rate_vs_vanilla"])
+    assert machine.startswith(f"sift-loss k1 f0.5 accelerator=Test CPU device=cpu ({ratio:.2f}x")
+    assert "random" not in machine and "cuda" not in machine  # 0.95x; a GPU's rate is not compared
+    assert "more than 1.2x" in caption and "interleave the arms" in caption
+
+
 def test_the_table_reads_at_80_columns(tmp_path):
     """Arms with long names, three targets and two settings: parts of one line per arm, nothing cut."""
     root = tmp_path / "runs"
@@ -452,6 +523,17 @@ def test_unknown_tuned_key_lists_the_keys_that_vary(tmp_path, capsys):
     code, out, err = sift_compare(capsys, tmp_path / "runs", "--tuned", "trainer.optimizer.lrr")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--tuned trainer.optimizer.lrr" in err and "vary between these runs: trainer.optimizer.lr" in err
+
+
+def test_a_tuned_key_that_does_not_vary_is_warned_about(tmp_path, capsys):
+    write_run(tmp_path / "runs/0", [0.1, 0.5])
+    sift(tmp_path / "runs/1", [0.1, 0.6], config={"trainer": {"optimizer": {"lr": 3e-3}}})
+    code, out, err = sift_compare(capsys, tmp_path / "runs", "--tuned", "trainer.batch_size", "--out", tmp_path)
+    assert code == 0, err
+    assert f"sift-compare: warning: --tuned trainer.batch_size: every run has trainer.batch_size={BATCH}, so it " \
+           f"changes nothing; the keys that vary between these runs: trainer.optimizer.lr" in err
+    code, out, err = sift_compare(capsys, tmp_path / "runs", "--tuned", "trainer.optimizer.lr", "--out", tmp_path)
+    assert code == 0 and "--tuned" not in err
 
 
 def test_arms_tuned_to_their_own_learning_rate_compare_with_tuned_flag(tmp_path, capsys):

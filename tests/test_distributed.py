@@ -78,7 +78,8 @@ def test_vanilla_on_two_processes_matches_one_and_rank_0_alone_writes_the_record
     # one folder, one record, one set of checkpoints; rank 1 leaves its log and nothing else
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".hydra", "checkpoints", "hf", "metrics.jsonl", "rank1.log", "run.json", "sift-train.log", "summary.json"]
-    assert out.stdout.count("val_acc") == 1  # one summary line
+    assert out.stdout.count("samples back-propagated") == 1  # one summary line
+    assert out.stdout.count(" | val_loss ") == 3  # a line per evaluation, from rank 0 alone
 
 
 def test_sift_with_global_selection_on_two_processes_matches_one(corpus_file, tmp_path, single):
@@ -267,6 +268,9 @@ def test_submitit_local_sweep_runs_each_job_as_one_run_over_its_tasks(corpus_fil
     assert [(s["method"], s["world_size"], s["steps"]) for s in summaries] == [("sift-loss", 2, 6), ("vanilla", 2, 6)]
     for job in ("0", "1"):
         assert [r["step"] for r in read_metrics(tmp_path / job)] == [0, 3, 6]
+    # one job at a time, as without a launcher, so that neither job's time includes the other's load
+    assert "runs the sweep's 2 jobs one at a time" in out.stderr
+    assert (tmp_path / "0" / "summary.json").stat().st_mtime <= (tmp_path / "1" / "run.json").stat().st_mtime
 
 
 def test_slurm_launcher_config_renders_a_requeueing_multi_gpu_batch_script(tmp_path, monkeypatch):

@@ -3,7 +3,9 @@ the arithmetic of its own FLOP counts."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,3 +105,17 @@ def test_the_vanilla_steps_other_kernels_are_ranked_by_their_largest_time_in_any
     assert list(rows) == ["`triton_fused_ln_dropout`", "`layer_norm`", "`gelu`", "all of kind other"]
     assert rows["`layer_norm`"]["compiled reduce-overhead ms/step"] == "-"
     assert [rows["all of kind other"][f"{way} ms/step"] for way in others] == ["7.50", "5.50"]
+
+
+def test_on_a_cpu_the_profiler_prints_no_gpu_probe_or_start_and_stop_lines():
+    """kineto's log level is read at the first profile of a process: a process of its own."""
+    code = ("import step_cost, torch\n"
+            "from torch.profiler import profile, ProfilerActivity\n"
+            "step_cost.quiet_profiler(torch.device('cpu'))\n"
+            "with profile(activities=[ProfilerActivity.CPU]):\n"
+            "    torch.ones(3) @ torch.ones(3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(step_cost.__file__).parent, capture_output=True,
+                          text=True, timeout=300, env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert "gpuGetDeviceCount" not in done.stderr and "profiler_start" not in done.stderr, done.stderr

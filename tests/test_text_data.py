@@ -312,6 +312,55 @@ def test_text_files_accept_one_path_and_explain_too_little_text(corpus_file, tmp
                      r"KB\); use more text, a shorter data.seq_len or a larger data.val_fraction$", str(err.value))
 
 
+def test_text_files_read_folders_recursively_and_globs_in_sorted_order(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    write(corpus / "b.txt", ["B one."])
+    write(corpus / "a.txt", ["A one.", "A two."])
+    write(corpus / "sub" / "c.md", ["C one."])
+    write(corpus / ".git" / "HEAD", ["not text of the corpus"])  # hidden: left out
+    write(corpus / ".notes.txt", ["hidden too"])
+    write(corpus / "empty.txt", ["\n \n"])
+
+    def read(paths):
+        with pytest.warns(UserWarning) as caught:
+            docs = list(text_file_corpus(paths))
+        return docs, [str(w.message) for w in caught]
+
+    docs, warned = read(str(corpus))  # a, b, empty, sub/c: by path
+    assert docs == ["A one.", "A two.", "B one.", "C one."]
+    assert warned == [f"data.paths: 1 of 4 files hold no text and are skipped: {(corpus / 'empty.txt').resolve()}"]
+    docs, _ = read([str(corpus / "*.txt")])
+    assert docs == ["A one.", "A two.", "B one."]
+    # entries in the order given, a file named twice read once
+    assert list(text_file_corpus([str(corpus / "**" / "*.md"), str(corpus / "b.txt"), str(corpus / "b.txt")])) == \
+        ["C one.", "B one."]
+
+    with pytest.raises(ConfigError, match=r"data.paths contains .*\*.rst, which matches no file"):
+        text_file_corpus([str(corpus / "*.rst")])
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ConfigError, match="data.paths contains .*none, a folder that holds no files"):
+        text_file_corpus([str(tmp_path / "none")])
+    (tmp_path / "blank").mkdir()
+    for name in ("x.txt", "y.txt"):
+        write(tmp_path / "blank" / name, ["\n"])
+    with pytest.raises(ConfigError, match="none of its 2 files holds text"):
+        list(text_file_corpus([str(tmp_path / "blank")]))
+
+
+def test_a_folder_of_text_files_builds_as_its_files_do(tmp_path):
+    """The folder's files, by path, make the same corpus as the files listed in that order."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, name in enumerate(("b.txt", "a.txt", "c.txt")):
+        write(corpus / name, PARAGRAPHS[i * 34:(i + 1) * 34])
+    listed = text_files([str(corpus / n) for n in ("a.txt", "b.txt", "c.txt")], cache_dir=str(tmp_path / "c1"),
+                        **COMMON)
+    folder = text_files(str(corpus), cache_dir=str(tmp_path / "c2"), **COMMON)
+    assert texts(folder, "train") == texts(listed, "train") and texts(folder, "val") == texts(listed, "val")
+
+
 def test_known_answer_changes_exactly_the_asked_number_of_training_samples(corpus_file, tmp_path):
     clean = build(corpus_file, tmp_path)
     dup = build(corpus_file, tmp_path, duplicate_fraction=0.1, duplicate_pool=3)
@@ -374,6 +423,22 @@ def test_a_read_only_cache_is_one_line_but_a_built_one_still_loads(corpus_file, 
             if os.geteuid() == 0:
                 subprocess.run(["chattr", "-i", str(folder)], check=True)
             folder.chmod(0o755)
+
+
+def test_a_cache_on_a_read_only_file_system_is_one_line_naming_it(corpus_file, tmp_path, monkeypatch):
+    """A read-only mount raises OSError (EROFS), not PermissionError: named all the same, not a traceback."""
+    import errno
+
+    import sift_cli.data.text as text
+
+    readonly = tmp_path / "mounted"
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(text, "cache_root", refuse)
+    with pytest.raises(ConfigError, match=f"the data cache {readonly} is not writable \\(Read-only file system\\)"):
+        text_files(str(corpus_file), cache_dir=str(readonly), **COMMON)
 
 
 def test_a_checkpoint_tokenizer_keys_the_cache_by_its_content(corpus_file, tmp_path):

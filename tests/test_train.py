@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.config import ConfigError
 from sift_cli.models.bert import BertMLM
 from sift_cli.records import read_metrics
-from sift_cli.train import run
+from sift_cli.train import add_overrides, check_flag_order, check_launcher, run, training_identity
 
 
 def rows_of(run_dir):
@@ -93,6 +95,10 @@ def test_exact_arm_and_diagnostics(corpus_file, tmp_path):
     assert summary["method"] == "exact"
     diag = [json.loads(line) for line in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
     assert [d["step"] for d in diag] == [2, 4, 6]  # the last step's too
+    run(make_config(tiny_overrides(corpus_file, "diagnostics.every_n_steps=4")), tmp_path / "uneven")
+    # the last step's even where every_n_steps does not divide it: the curve ends where training did
+    assert [json.loads(line)["step"] for line in (tmp_path / "uneven/diagnostics.jsonl").read_text().splitlines()] == \
+        [4, 6]
     for d in diag:
         assert d["spearman_k2"] == pytest.approx(1.0) and d["overlap_k2"] == 1.0  # layer L is exact
         assert -1 <= d["spearman_k1"] <= 1 and 0 <= d["overlap_k1"] <= 1
@@ -177,8 +183,23 @@ def test_cli_multirun_sweep_writes_one_run_folder_per_job(corpus_file, tmp_path)
                      f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 0, out.stderr
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
-    assert sorted(s["method"] for s in summaries) == ["sift-entropy", "sift-loss", "vanilla", "vanilla"]
-    assert out.stdout.count("val_acc") == 4  # one summary line per run
+    # vanilla once: frac=1.0 trains alike whatever the criterion, so job 3 (entropy) would repeat job 2 (loss)
+    assert sorted(s["method"] for s in summaries) == ["sift-entropy", "sift-loss", "vanilla"]
+    assert out.stdout.count("samples back-propagated") == 3  # one summary line per run
+    assert "1 of the sweep's 4 jobs would train an earlier job's run again and are skipped: job 3 (frac=1.0 " \
+           "criterion=entropy" in out.stderr
+    assert "sift-train: skipping job 3 (frac=1.0 criterion=entropy" in out.stdout and not (tmp_path / "3").exists()
+    for job in sorted(p.parent for p in tmp_path.glob("*/summary.json")):
+        # no terminal and no progress bar: the job's log says how it goes, a line per evaluation
+        logged = [line.split("] - ", 1)[1] for line in (job / "sift-train.log").read_text().splitlines()
+                  if "| val_acc" in line]
+        rows = rows_of(job)
+        assert [line.split(" | ")[:4] for line in logged] == [
+            [f"step {r['step']}", f"train {r['train_time_s']:.1f} s", f"val_acc {r['val_acc']:.4f}",
+             f"val_loss {r['val_loss']:.4f}"] for r in rows]
+        assert all(line.split(" | ")[5].endswith(" TFLOP/s") for line in logged[1:])  # a CPU: no known peak
+        assert logged[0].endswith("samples/s") and logged[-1].split(" | ")[4] == \
+            f"{rows[-1]['samples_seen'] / rows[-1]['train_time_s']:.0f} samples/s"
 
 
 def test_cli_help_and_cfg_show_groups_and_the_composed_config():
@@ -227,3 +248,80 @@ def test_cli_bad_input_is_one_line_exit_2_no_traceback(args, message, corpus_fil
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "run").exists()  # refused before or after Hydra made it: no folder left behind
+
+
+@pytest.mark.parametrize("args,message", [
+    (["targets=0.5"], "targets=0.5 is not a list; write targets=[0.5]"),
+    (["seed=-1"], "seed=-1 must be 0 or more"),
+    (["frac=0.5", "--multirun", "seed=1"], "--multirun must come before the overrides; run: sift-train --multirun "
+                                           "frac=0.5 seed=1"),
+    # a login node: the launcher would be ignored and the run would train here
+    (["hydra/launcher=slurm"], "hydra/launcher=slurm works only under --multirun (without it Hydra trains here"),
+    (["--multirun", "hydra/launcher=slurm"], "hydra/launcher=slurm needs SLURM, but sbatch and srun are not on this "
+                                             "machine's PATH; run the command on the cluster's login node, or use "
+                                             "hydra/launcher=submitit_local"),
+])
+def test_cli_traps_of_the_command_line_are_one_line(args, message, corpus_file, tmp_path):
+    bare = tmp_path / "bin"  # a PATH without SLURM, whatever machine runs the test
+    bare.mkdir()
+    out = sift_train(*args, *tiny_overrides(corpus_file), f"hydra.run.dir={tmp_path / 'run'}",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", PATH=str(bare))
+    assert out.returncode == 2 and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_jobs_that_train_the_same_run_are_told_apart_from_those_that_do_not():
+    def identity(*overrides):
+        return training_identity(make_config(["frac=1.0", *overrides]))
+
+    vanilla = identity("criterion=loss")
+    assert identity("criterion=entropy") == identity("exit_layer=2", "trainer.batch_mode=updated") == vanilla
+    assert identity("selection.start=0.5", "selection.every=2") == vanilla  # vanilla never selects
+    assert identity("seed=1") != vanilla and identity("trainer.optimizer.lr=0.01") != vanilla
+    sift = [training_identity(make_config(["frac=0.5", f"criterion={c}"])) for c in ("loss", "entropy")]
+    assert sift[0] != sift[1]  # below frac=1.0 the criterion chooses the samples
+
+
+def test_submitit_local_runs_a_sweep_one_job_at_a_time_unless_told():
+    local = ["hydra/launcher=submitit_local", "frac=0.5,1.0"]
+    assert check_launcher(local, multirun=True, jobs=2) == ["hydra.sweeper.max_batch_size=1"]
+    assert check_launcher(local, multirun=True, jobs=1) == []  # nothing to run beside
+    assert check_launcher(["frac=0.5,1.0"], multirun=True, jobs=2) == []  # Hydra's own launcher: one at a time
+    with pytest.warns(UserWarning, match="max_batch_size=2 with hydra/launcher=submitit_local runs 2 jobs of the sweep "
+                                         "at once on this machine: they share its cores"):
+        assert check_launcher(local + ["hydra.sweeper.max_batch_size=2"], multirun=True, jobs=4) == []
+
+
+def test_multirun_may_end_the_overrides_but_not_split_them():
+    check_flag_order(["frac=0.5,1.0", "seed=1", "--multirun"])  # Hydra reads this: no refusal
+    check_flag_order(["-m", "frac=0.5,1.0"])
+    with pytest.raises(ConfigError, match="-m must come before the overrides; run: sift-train --multirun frac=0.5 s"):
+        check_flag_order(["frac=0.5", "-m", "seed=1,2"])
+    argv = ["sift-train", "frac=0.5,1.0", "--multirun"]
+    add_overrides(argv, ["hydra.sweeper.max_batch_size=1"])  # with the others, so that Hydra still reads them all
+    assert argv == ["sift-train", "frac=0.5,1.0", "hydra.sweeper.max_batch_size=1", "--multirun"]
+    argv = ["sift-train", "--multirun", "frac=0.5,1.0"]
+    add_overrides(argv, ["x=1"])
+    assert argv == ["sift-train", "--multirun", "frac=0.5,1.0", "x=1"]
+
+
+@pytest.mark.parametrize("args,what", [([], "run folder (hydra.run.dir)"),
+                                       (["--multirun"], "sweep folder (hydra.sweep.dir)")])
+def test_cli_an_unwritable_output_folder_is_one_line(args, what, corpus_file, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute stops it too
+        subprocess.run(["chattr", "+i", str(locked)], check=True)
+    try:
+        out = sift_train(*args, *tiny_overrides(corpus_file), f"hydra.run.dir={locked / 'run'}",
+                         f"hydra.sweep.dir={locked / 'run'}")
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(locked)], check=True)
+        locked.chmod(0o755)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"sift-train: error: the {what} {locked / 'run'} is not writable (permission " \
+                                 f"denied); choose another folder or fix its permissions"

@@ -31,6 +31,7 @@ import shutil
 import sys
 import sysconfig
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,28 +143,58 @@ def _paragraphs(path: Path) -> Iterator[str]:
         yield "".join(lines).strip()
 
 
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+def _files_of(entry: str) -> list[Path]:
+    """The files one entry of data.paths names: a file; a folder's files, recursively, by sorted path, hidden
+    ones (a name starting with '.', e.g. .git/) left out; or a glob's matches (** for any depth), each match a
+    file or a folder as above, by sorted path."""
+    path = Path(entry).expanduser()
+    if GLOB_CHARACTERS & set(entry):
+        matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+        if not matches:
+            raise ConfigError(f"data.paths contains {entry}, which matches no file")
+        return [f for m in matches for f in _files_of(str(m))]
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        if not files:
+            raise ConfigError(f"data.paths contains {entry}, a folder that holds no files")
+        return files
+    if not path.is_file():
+        raise ConfigError(f"data.paths contains {entry}, which is not a file, folder or glob that matches files")
+    return [path]
+
+
 def text_file_corpus(paths: str | Sequence[str]) -> Corpus:
-    """Documents of local text files: paragraphs separated by blank lines."""
+    """Documents of local text files: paragraphs separated by blank lines. Each entry of `paths` is a file, a
+    folder (its files, recursively) or a glob, read in the order given, each folder's and glob's files by
+    sorted path. An empty file among others is a warning; no text at all is a refusal."""
     paths = [paths] if isinstance(paths, str) else list(paths or ())  # data.paths=README.md is one file
     if not paths:
         raise ConfigError("data.paths is empty; give one or more text files, e.g. data.paths=[corpus.txt]")
     files = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"data.paths contains {p}, which is not a file")
+    for path in (f for p in paths for f in _files_of(str(p))):
         if not os.access(path, os.R_OK):
-            raise ConfigError(f"data.paths contains {p}, which is not readable (permission denied)")
+            raise ConfigError(f"data.paths contains {path}, which is not readable (permission denied)")
         files.append(path.resolve())
+    files = list(dict.fromkeys(files))  # a file named twice (by a folder and a glob, say) is read once
 
     def read() -> Iterator[str]:
-        for p, path in zip(paths, files):
-            empty = True
-            for paragraph in _paragraphs(path):
-                empty = False
+        empty = []
+        for path in files:
+            count = 0
+            for count, paragraph in enumerate(_paragraphs(path), 1):
                 yield paragraph
-            if empty:
-                raise ConfigError(f"data.paths contains {p}, which holds no text")
+            if not count:
+                empty.append(path)
+        if len(empty) == len(files):
+            raise ConfigError(f"data.paths contains {paths[0]}, which holds no text" if len(files) == 1 else
+                              f"data.paths={paths}: none of its {len(files)} files holds text")
+        if empty:
+            warnings.warn(f"data.paths: {len(empty)} of {len(files)} files hold no text and are skipped: "
+                          f"{', '.join(map(str, empty[:3]))}{', ...' if len(empty) > 3 else ''}")
 
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return Corpus(f"data.paths={paths}", "text_files", tuple(stats), read, size=sum(s for _, s, _ in stats))
@@ -325,7 +356,7 @@ def _not_writable(path, err: OSError) -> ConfigError:
 def _cache(cache_dir: Optional[str]) -> Path:
     try:
         return cache_root(cache_dir)
-    except PermissionError as err:
+    except OSError as err:  # permissions, or a read-only file system
         raise _not_writable(err.filename, err) from None
 
 
@@ -354,7 +385,7 @@ def cached(path: Path, load: Callable[[Path], T], build: Callable[[Path], None])
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path.parent / f"{path.name}.lock"))
         lock.acquire()
-    except PermissionError as err:
+    except OSError as err:  # permissions, or a read-only file system
         raise _not_writable(err.filename or path.parent, err) from None
     try:
         if path.exists() and not broken:  # another process built it while this one waited
