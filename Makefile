@@ -21,11 +21,12 @@ run: install
 		trainer.max_time_s=35 trainer.eval_every_s=5 hydra.sweep.dir=$(SWEEP)
 	$(VENV)/bin/sift-compare $(SWEEP)
 	@echo
-	@echo "What this shows: each arm trained 35 s once, the tool end to end. With one seed per arm there is no"
-	@echo "spread, so the table is not evidence that SIFT is faster or slower. For a real comparison, run"
-	@echo "several seeds on a budget long enough to pass the first plateau, e.g.:"
-	@echo "  $(VENV)/bin/sift-train --multirun arm=sift,random,vanilla seed=0,1,2 trainer.max_time_s=300"
-	@echo "(or make bench-tta), then sift-compare the sweep folder."
+	@echo "What this shows: each arm trained 35 s once, the tool end to end, on the first plateau. With one seed"
+	@echo "per arm there is no spread, so the table is not evidence that SIFT is faster or slower. A comparison"
+	@echo "needs several seeds on a budget that leaves the plateau without reading the data many times over:"
+	@echo "  $(VENV)/bin/sift-train --multirun seed=1,2,3 arm=vanilla,random,sift experiment=tta_bert_mini"
+	@echo "about 2 h on 2 idle CPU cores (BERT-Mini, 720 s a run; seed first interleaves the arms), as measured in"
+	@echo "benchmarks/results/time_to_accuracy-bert_mini-720.md; then sift-compare the sweep folder."
 
 # one thread per test worker: two workers already fill two cores, and oversubscribed OpenMP threads spin
 test: install
