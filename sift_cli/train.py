@@ -27,8 +27,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sift_cli import __version__, distributed
-from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, decay_note, holds_run,
-                                 load_tensors, read_run, verify)
+from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_data, check_folder, check_lost,
+                                 decay_note, holds_run, load_tensors, read_run, verify)
 from sift_cli.cli import BEFORE_ANY_RUN, catch_early_interrupts, check_interrupted, interrupted
 from sift_cli.config import (ConfigError, check_exit_layer, check_positions, check_task, choice_name, decay_budget,
                              first_line, method, run_name, validate)
@@ -172,8 +172,11 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     resumed, previous = None, read_run(run_dir) if main else None
     if main:  # first: a save cut short between its two renames left the checkpoint it replaces aside
         checkpointer.clean()
+    fingerprint = getattr(data, "fingerprint", None)
     if action == "resume":
         found = distributed.from_main(lambda: resume_point(run_dir, checkpointer, str(cfg.trainer.resume), config))
+        if found is not None:
+            check_data(found[0], found[1], fingerprint)
         resumed = None if found is None else (load_tensors(found[0]), found[1])
     if main:
         wandb_id = (previous or {}).get("wandb_id") or secrets.token_hex(4)
@@ -185,7 +188,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     about = {"method": arm, "run_name": name, "task": data.task, "model": model_name, "data": choices.get("data"),
              "depth": model.depth, "exit_layer": cfg.exit_layer, "frac": cfg.frac, "criterion": cfg.criterion,
              "seed": cfg.seed, "device": device.type, "accelerator": accelerator(device), "world_size": world,
-             **getattr(data, "setting", {}), "data_fingerprint": getattr(data, "fingerprint", None),
+             **getattr(data, "setting", {}), "data_fingerprint": fingerprint,
              "run_dir": str(run_dir), "torch": torch.__version__,
              "sift_train": __version__}
     record = Recorder(run_dir, cfg.logger, config, name=name, group=cfg.name or sweep, job_type=arm,
@@ -195,7 +198,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         log.info("resuming %s from step %d", name, resumed[1]["train_state"]["step"])
     try:
         totals = fit(model, data, cfg, record, device, show_progress, checkpointer, resumed,
-                     meta={"config": config, "wandb_id": wandb_id})
+                     meta={"config": config, "wandb_id": wandb_id, "data_fingerprint": fingerprint})
     except torch.cuda.OutOfMemoryError as err:  # torch.cuda's name: torch 2.4 lacks the alias torch.OutOfMemoryError
         # a batch too large for the device: a setting to change, not a bug
         found = ". ".join(first_line(err).split(". ")[:3])  # what was asked for, and what the device has
@@ -220,7 +223,10 @@ def read_summary(run_dir: Path) -> dict:
 def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config: dict):
     """(folder, state) of the checkpoint to continue from: the newest valid one here, or the one `resume` names."""
     if resume == "auto":
-        return checkpointer.newest()
+        found = checkpointer.newest()
+        if found is None:
+            check_lost(run_dir)
+        return found
     folder = Path(resume).expanduser()
     try:
         state = verify(folder)
