@@ -29,11 +29,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sift_cli import __version__, distributed
 from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_data, check_folder, check_lost,
                                  decay_note, holds_run, load_tensors, read_run, verify)
-from sift_cli.cli import BEFORE_ANY_RUN, catch_early_interrupts, check_interrupted, interrupted
 from sift_cli.config import (ConfigError, check_exit_layer, check_positions, check_task, choice_name, decay_budget,
                              first_line, method, run_name, validate)
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
+from sift_cli.interrupts import BEFORE_ANY_RUN, catch_early_interrupts, check_interrupted, interrupted
 from sift_cli.records import COMPLETED, DIAGNOSTICS, METRICS, SUMMARY, Recorder, write_atomic
 from sift_cli.trainer import fit
 

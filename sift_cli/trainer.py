@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from sift_cli import distributed, records
 from sift_cli.checkpoint import Checkpointer
-from sift_cli.cli import check_interrupted
 from sift_cli.config import ConfigError, first_line, step_sizes
 from sift_cli.data import worker_signals
 from sift_cli.data.order import seed_of, seeded
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator, count_flops, peak_flops, synchronize
+from sift_cli.interrupts import check_interrupted
 from sift_cli.records import DIAGNOSTICS, Recorder
 from sift_cli.selection import FEATURE_CRITERIA, overlap, random_subset, select, spearman, top
 
