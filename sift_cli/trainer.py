@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from sift_cli import distributed, records
 from sift_cli.checkpoint import Checkpointer
 from sift_cli.config import ConfigError, first_line, step_sizes
-from sift_cli.data import worker_signals
+from sift_cli.data import worker_context, worker_signals
 from sift_cli.data.order import seed_of, seeded
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator, count_flops, peak_flops, synchronize
@@ -135,7 +135,7 @@ class Gate:
     """
 
     def __init__(self):
-        ctx = multiprocessing.get_context()
+        ctx = worker_context()  # the workers' own: shared memory made by another may not reach them
         self._open, self._busy = ctx.Event(), ctx.Value("i", 0)
         self._open.set()
 
@@ -185,7 +185,8 @@ def batch_stream(data, batch_size: int, seed: int, start: int, device: torch.dev
     workers = data.num_workers
     loader = DataLoader(StepBatches(data, batch_size, seed, gate if workers else None), batch_size=None,
                         sampler=itertools.count(start), num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None, worker_init_fn=worker_signals if workers else None)
+                        prefetch_factor=4 if workers else None, worker_init_fn=worker_signals if workers else None,
+                        multiprocessing_context=worker_context() if workers else None)
     return iter(loader)
 
 

@@ -181,6 +181,34 @@ def test_cli_multirun_sweep_writes_one_run_folder_per_job(corpus_file, tmp_path)
     assert out.stdout.count("val_acc") == 4  # one summary line per run
 
 
+DIGITS = ("model=resnet18", "data=digits", "data.image_size=8", "data.max_val_samples=32", "trainer.batch_size=8",
+          "trainer.max_time_s=null", "trainer.eval_every_s=null", "trainer.warmup=0", "logger=none")
+
+
+@pytest.mark.parametrize("data", ["text", "images"])
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_data_workers_started_by_spawn_or_forkserver_train(method, data, corpus_file, tmp_path):
+    """Workers that are not forks receive the data pickled (the token file as its path, opened there) and the
+    gate that holds them off the clock, made by the start method they are started with."""
+    args = tiny_overrides(corpus_file) if data == "text" else DIGITS
+    out = sift_train(*args, "data.num_workers=1", "trainer.max_steps=3", "trainer.eval_every_steps=3",
+                     f"hydra.run.dir={tmp_path}", start_method=method)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
+
+
+def test_the_joblib_launcher_runs_a_sweep_with_data_workers(corpus_file, tmp_path):
+    """Hydra's joblib launcher runs jobs in loky processes, whose default start method is loky's own: its
+    pickler cannot send multiprocessing's shared memory (the gate) to a DataLoader worker."""
+    out = sift_train("--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "frac=0.5,1.0",
+                     *tiny_overrides(corpus_file), "data.num_workers=1", "trainer.max_steps=3",
+                     "trainer.eval_every_steps=3", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
+    assert [(s["method"], s["status"], s["steps"]) for s in summaries] == [("sift-loss", "completed", 3),
+                                                                           ("vanilla", "completed", 3)]
+
+
 def test_cli_help_and_cfg_show_groups_and_the_composed_config():
     help_text = sift_train("--help").stdout
     for group in ("model", "data", "trainer", "logger", "experiment", "debug"):
