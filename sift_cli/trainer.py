@@ -642,6 +642,7 @@ class Training:
         state = self.state
         kill_point("evaluation", state.step)
         self.settle_window()
+        distributed.average_buffers(self.core)  # one model for every rank's validation shard
         losses = [loss for loss, _ in state.window]
         row = {"step": state.step, "train_time_s": self.clock.total, "wall_time_s": self.wall_time(),
                "samples_seen": state.samples_seen, "samples_backpropagated": state.samples_backpropagated,
@@ -671,6 +672,7 @@ class Training:
         state.train_time_s = self.clock.total
         state.next_checkpoint_s = self.after(self.cfg.trainer.checkpoint_every_s)
         self.settle_window()  # the window saved is the global one, whichever rank count resumes it
+        distributed.average_buffers(self.core)  # the statistics of every rank's batches, not rank 0's alone
         if distributed.is_main():
             saved = state.to_json()
             saved["earlier_wall_time_s"] += time.perf_counter() - self.wall_start
