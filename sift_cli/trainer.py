@@ -750,9 +750,13 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     world, rank = distributed.world(), distributed.rank()
     training = Training(model, data, cfg, record, checkpointer, resumed, device, meta)
     model, sel, state, gate = training.model, training.sel, training.state, training.gate
-    stream = batch_stream(data, sel.scored * world, cfg.seed, state.step, device, gate)
-    batch = to_device(next(stream), device)
+    # the one batch made off the clock: the first step's, which preparing the step needs, made here; the workers
+    # start at the next step, held at the gate until the clock starts (the first off_clock() opens it)
+    batch = to_device(StepBatches(data, sel.scored * world, cfg.seed, None)[state.step], device)
     step_fn = training.prepare(batch)
+    if gate:
+        gate.close()
+    stream = batch_stream(data, sel.scored * world, cfg.seed, state.step + 1, device, gate)
     clock = training.clock
 
     def due(every_n_steps: Optional[int]) -> bool:

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 
 from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.config import ConfigError
+from sift_cli.data.text import TextData
 from sift_cli.models.bert import BertMLM
 from sift_cli.records import read_metrics
 from sift_cli.train import run
@@ -104,6 +105,23 @@ def test_time_budget_stops_training(corpus_file, tmp_path):
     summary = run(cfg, tmp_path)
     assert 2 <= summary["train_time_s"] < 5 and summary["steps"] > 1  # the last step may run past the budget
     assert len(rows_of(tmp_path)) >= 3  # step 0, at least one timed evaluation, the final one
+
+
+def test_batches_are_made_on_the_clock_but_the_one_preparing_the_step_needs(corpus_file, tmp_path, monkeypatch):
+    """A data-bound run: every batch takes DELAY to make, two workers make them. Only the first step's batch
+    (counting the step's FLOPs needs one) may be made before the clock starts, so the 11 others take at least
+    11 x DELAY / 2 of training time; workers released before the clock would make several of them for free."""
+    delay, steps, workers = 0.3, 12, 2
+    make = TextData.train_batch
+
+    def slowly(self, *args, **kwargs):
+        time.sleep(delay)
+        return make(self, *args, **kwargs)
+
+    monkeypatch.setattr(TextData, "train_batch", slowly)  # in the forked workers too
+    done = run(make_config(tiny_overrides(corpus_file, f"trainer.max_steps={steps}", "trainer.eval_every_steps=6",
+                                          f"data.num_workers={workers}")), tmp_path)
+    assert done["steps"] == steps and done["train_time_s"] >= (steps - 1) * delay / workers
 
 
 def test_same_seed_same_result_and_validation_is_masked_identically(corpus_file, tmp_path):
