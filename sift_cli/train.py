@@ -378,8 +378,10 @@ def _first_lines(err: Exception) -> str:
 
 def check_same_data(data) -> None:
     """Every process reads the same tokens. Each builds or loads the token folder in data.cache_dir; where that
-    folder is not one that every process sees (a node-local disk), each node trains its own tokenizer, which can
-    number the vocabulary differently, and the ranks would train one model on different meanings of its ids."""
+    folder is not one that every process sees (a node-local disk), each node has its own tokenizer: the same one
+    from the same corpus and package versions, but a node's older cache (from before training was deterministic)
+    or other versions number the vocabulary differently, and the ranks would train one model on different
+    meanings of its ids."""
     seen = distributed.gather((getattr(data, "fingerprint", None), str(getattr(data, "folder", ""))))
     if (other := next((r for r, s in enumerate(seen) if s[0] != seen[0][0]), None)) is not None:
         raise ConfigError(f"the processes read different data: rank {other}'s ({seen[other][1]}) is not rank 0's "
