@@ -26,7 +26,7 @@ from sift_cli import distributed
 from sift_cli.config import (DECAYING, RESUMABLE, RESUMABLE_PREFIXES, ConfigError, SelectionConfig, code_defaults,
                              decay_budget, first_line)
 from sift_cli.faults import kill_point
-from sift_cli.records import COMPLETED, flat_config, run_status, write_atomic
+from sift_cli.records import COMPLETED, RUNNING, flat_config, run_status, write_atomic
 
 FOLDER, LATEST, MANIFEST, RUN, CLOCK = "checkpoints", "latest", "manifest.json", "run.json", "clock.json"
 RECORD_FILES = ("metrics.jsonl", "summary.json", RUN)  # what makes a folder hold a run
@@ -255,3 +255,30 @@ def check_folder(run_dir: Path, config: dict, resume: str) -> str:
     if run_status(run_dir) == COMPLETED and not extends(previous["config"], config):
         return "done"
     return "resume"
+
+
+def check_data(folder: Path, state: dict, fingerprint: Optional[str]) -> None:
+    """A checkpoint goes on only with the data it was trained on: its token ids must mean the same word pieces.
+    A checkpoint written before checkpoints held the data's fingerprint goes on with a warning; data without a
+    fingerprint (images) is not checked."""
+    if fingerprint is None:
+        return
+    if "data_fingerprint" not in state:
+        warnings.warn(f"checkpoint {folder} predates data fingerprints: resuming on data {fingerprint} without "
+                      f"checking that it was trained on the same")
+    elif state["data_fingerprint"] != fingerprint:
+        raise ConfigError(f"checkpoint {folder} was trained on data {state['data_fingerprint']}, this run reads "
+                          f"data {fingerprint}: its token cache was rebuilt with another vocabulary (another "
+                          f"data.cache_dir, an older sift-train), the corpus changed or a package version changed "
+                          f"the text; resume it with its own data, or train in a new folder")
+
+
+def check_lost(run_dir: Path) -> None:
+    """A run that reached a checkpoint (completed, interrupted, preempted) but has none left (checkpoints/
+    removed) cannot go on: training it again from step 0 would overwrite its records. A run killed before its
+    first checkpoint (still `running`) starts over, as it never saved anything to continue from."""
+    status = run_status(run_dir)
+    if status not in (None, RUNNING):
+        raise ConfigError(f"the run folder {run_dir} holds a {status} run but no checkpoint to continue it from "
+                          f"({Path(run_dir) / FOLDER} was removed); train in a new folder (hydra.run.dir=..., "
+                          f"or hydra.sweep.dir=...) to start it over")

@@ -126,6 +126,18 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def average_buffers(model: torch.nn.Module) -> None:
+    """Replace every rank's floating-point buffers (batch norm's running statistics) by their mean over the
+    ranks, as timm's distribute_bn does. DDP keeps the weights equal, but each rank's batches move its own
+    statistics; averaged before an evaluation or a checkpoint, every rank evaluates and saves one model."""
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if world() == 1 or not buffers:
+        return
+    mean = all_reduce_sum(torch.cat([b.reshape(-1) for b in buffers])) / world()
+    for buffer, part in zip(buffers, mean.split([b.numel() for b in buffers])):
+        buffer.copy_(part.view_as(buffer))
+
+
 def all_gather(tensor: Tensor) -> Tensor:
     """Every rank's tensor concatenated along dim 0, in rank order (equal shapes on every rank)."""
     if world() == 1:

@@ -27,13 +27,13 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sift_cli import __version__, distributed
-from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_folder, decay_note, holds_run,
-                                 load_tensors, read_run, verify)
-from sift_cli.cli import BEFORE_ANY_RUN, catch_early_interrupts, check_interrupted, interrupted
+from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_data, check_folder, check_lost,
+                                 decay_note, holds_run, load_tensors, read_run, verify)
 from sift_cli.config import (ConfigError, SelectionConfig, check_exit_layer, check_positions, check_task, choice_name,
                              decay_budget, exit_block, first_line, method, run_name, validate)
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
+from sift_cli.interrupts import BEFORE_ANY_RUN, catch_early_interrupts, check_interrupted, interrupted
 from sift_cli.records import COMPLETED, DIAGNOSTICS, METRICS, SUMMARY, Recorder, write_atomic
 from sift_cli.trainer import fit
 
@@ -203,8 +203,11 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
     resumed, previous = None, read_run(run_dir) if main else None
     if main:  # first: a save cut short between its two renames left the checkpoint it replaces aside
         checkpointer.clean()
+    fingerprint = getattr(data, "fingerprint", None)
     if action == "resume":
         found = distributed.from_main(lambda: resume_point(run_dir, checkpointer, str(cfg.trainer.resume), config))
+        if found is not None:
+            check_data(found[0], found[1], fingerprint)
         resumed = None if found is None else (load_tensors(found[0]), found[1])
     if main:
         wandb_id = (previous or {}).get("wandb_id") or secrets.token_hex(4)
@@ -217,7 +220,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
              "depth": model.depth, "exit_layer": exit_layer, "frac": cfg.frac, "criterion": cfg.criterion,
              "selection": dict(zip(("start", "end", "every"), schedule)),
              "seed": cfg.seed, "device": device.type, "accelerator": accelerator(device), "world_size": world,
-             **getattr(data, "setting", {}), "data_fingerprint": getattr(data, "fingerprint", None),
+             **getattr(data, "setting", {}), "data_fingerprint": fingerprint,
              "run_dir": str(run_dir), "torch": torch.__version__,
              "sift_train": __version__}
     record = Recorder(run_dir, cfg.logger, config, name=name, group=cfg.name or sweep, job_type=arm,
@@ -227,7 +230,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         log.info("resuming %s from step %d", name, resumed[1]["train_state"]["step"])
     try:
         totals = fit(model, data, cfg, record, device, show_progress, checkpointer, resumed,
-                     meta={"config": config, "wandb_id": wandb_id})
+                     meta={"config": config, "wandb_id": wandb_id, "data_fingerprint": fingerprint})
     except torch.cuda.OutOfMemoryError as err:  # torch.cuda's name: torch 2.4 lacks the alias torch.OutOfMemoryError
         # a batch too large for the device: a setting to change, not a bug
         found = ". ".join(first_line(err).split(". ")[:3])  # what was asked for, and what the device has
@@ -268,7 +271,10 @@ def read_summary(run_dir: Path) -> dict:
 def resume_point(run_dir: Path, checkpointer: Checkpointer, resume: str, config: dict):
     """(folder, state) of the checkpoint to continue from: the newest valid one here, or the one `resume` names."""
     if resume == "auto":
-        return checkpointer.newest()
+        found = checkpointer.newest()
+        if found is None:
+            check_lost(run_dir)
+        return found
     folder = Path(resume).expanduser()
     try:
         state = verify(folder)
@@ -551,8 +557,10 @@ def _first_lines(err: Exception) -> str:
 
 def check_same_data(data) -> None:
     """Every process reads the same tokens. Each builds or loads the token folder in data.cache_dir; where that
-    folder is not one that every process sees (a node-local disk), each node trains its own tokenizer, which can
-    number the vocabulary differently, and the ranks would train one model on different meanings of its ids."""
+    folder is not one that every process sees (a node-local disk), each node has its own tokenizer: the same one
+    from the same corpus and package versions, but a node's older cache (from before training was deterministic)
+    or other versions number the vocabulary differently, and the ranks would train one model on different
+    meanings of its ids."""
     seen = distributed.gather((getattr(data, "fingerprint", None), str(getattr(data, "folder", ""))))
     if (other := next((r for r, s in enumerate(seen) if s[0] != seen[0][0]), None)) is not None:
         raise ConfigError(f"the processes read different data: rank {other}'s ({seen[other][1]}) is not rank 0's "

@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from sift_cli import distributed, records
 from sift_cli.checkpoint import Checkpointer
-from sift_cli.cli import check_interrupted
 from sift_cli.config import ConfigError, exit_block, first_line, step_sizes
-from sift_cli.data import worker_signals
+from sift_cli.data import worker_context, worker_signals
 from sift_cli.data.order import seed_of, seeded
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator, count_flops, peak_flops, synchronize
+from sift_cli.interrupts import check_interrupted
 from sift_cli.records import DIAGNOSTICS, Recorder
 from sift_cli.selection import FEATURE_CRITERIA, overlap, random_subset, select, spearman, top
 
@@ -135,7 +135,7 @@ class Gate:
     """
 
     def __init__(self):
-        ctx = multiprocessing.get_context()
+        ctx = worker_context()  # the workers' own: shared memory made by another may not reach them
         self._open, self._busy = ctx.Event(), ctx.Value("i", 0)
         self._open.set()
 
@@ -185,7 +185,8 @@ def batch_stream(data, batch_size: int, seed: int, start: int, device: torch.dev
     workers = data.num_workers
     loader = DataLoader(StepBatches(data, batch_size, seed, gate if workers else None), batch_size=None,
                         sampler=itertools.count(start), num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None, worker_init_fn=worker_signals if workers else None)
+                        prefetch_factor=4 if workers else None, worker_init_fn=worker_signals if workers else None,
+                        multiprocessing_context=worker_context() if workers else None)
     return iter(loader)
 
 
@@ -732,6 +733,7 @@ class Training:
         state = self.state
         kill_point("evaluation", state.step)
         self.settle_window()
+        distributed.average_buffers(self.core)  # one model for every rank's validation shard
         losses = [loss for loss, _ in state.window]
         row = {"step": state.step, "train_time_s": self.clock.total, "wall_time_s": self.wall_time(),
                "samples_seen": state.samples_seen, "samples_backpropagated": state.samples_backpropagated,
@@ -769,6 +771,7 @@ class Training:
         state.train_time_s = self.clock.total
         state.next_checkpoint_s = self.after(self.cfg.trainer.checkpoint_every_s)
         self.settle_window()  # the window saved is the global one, whichever rank count resumes it
+        distributed.average_buffers(self.core)  # the statistics of every rank's batches, not rank 0's alone
         if distributed.is_main():
             saved = state.to_json()
             saved["earlier_wall_time_s"] += time.perf_counter() - self.wall_start
@@ -849,9 +852,13 @@ def fit(model, data, cfg, record: Recorder, device: torch.device, show_progress:
     world, rank = distributed.world(), distributed.rank()
     training = Training(model, data, cfg, record, checkpointer, resumed, device, meta)
     model, sel, state, gate = training.model, training.sel, training.state, training.gate
-    stream = batch_stream(data, sel.scored * world, cfg.seed, state.step, device, gate)
-    batch = to_device(next(stream), device)
+    # the one batch made off the clock: the first step's, which preparing the step needs, made here; the workers
+    # start at the next step, held at the gate until the clock starts (the first off_clock() opens it)
+    batch = to_device(StepBatches(data, sel.scored * world, cfg.seed, None)[state.step], device)
     step_fn = training.prepare(batch)
+    if gate:
+        gate.close()
+    stream = batch_stream(data, sel.scored * world, cfg.seed, state.step + 1, device, gate)
     clock = training.clock
 
     def due(every_n_steps: Optional[int]) -> bool:

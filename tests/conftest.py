@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -68,11 +69,17 @@ def tiny_overrides(corpus_file: Path, *extra: str) -> list[str]:
     ]
 
 
-def sift_train(*args: str, cwd: Path = REPO, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+def sift_train(*args: str, cwd: Path = REPO, timeout: int = 300, start_method: Optional[str] = None,
+               **env: str) -> subprocess.CompletedProcess:
     """Run the real console entry point, as a user types it, in a session of its own (so a signal it sends
-    its process group, as a terminal or SLURM would, reaches only it), with `env` added to the environment."""
+    its process group, as a terminal or SLURM would, reaches only it), with `env` added to the environment;
+    with `start_method`, under that multiprocessing start method (spawn as on macOS, forkserver as Python
+    3.14's default on Linux)."""
+    entry = ["-m", "sift_cli.train"] if start_method is None else [
+        "-c", f"import multiprocessing; multiprocessing.set_start_method({start_method!r})\n"
+              "from sift_cli.train import main; main()"]
     # not the W&B service an in-process test of this worker started (wandb exports its address): a run of its
     # own, as a user's, starts its own service
     inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return subprocess.run([sys.executable, "-m", "sift_cli.train", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *entry, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**inherited, "PYTHONUNBUFFERED": "1", **env}, start_new_session=True)

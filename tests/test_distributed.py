@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from conftest import REPO, make_config, tiny_overrides
@@ -20,6 +21,7 @@ from sift_cli import distributed
 from sift_cli.config import ConfigError
 from sift_cli.records import read_metrics
 from sift_cli.train import run
+from sift_cli.trainer import autocast_for, evaluate
 
 NO_DROPOUT = "model.dropout=0"
 GLOBAL = "trainer.selection_scope=global"
@@ -208,6 +210,24 @@ def test_a_run_checkpointed_by_one_process_resumes_on_two(corpus_file, tmp_path,
     assert summary["restarts"] == 1 and summary["world_size"] == 2 and summary["steps"] == 6
     first, then = summary["accelerator"].split(", then ")  # kept apart from runs on one machine by sift-compare
     assert first.endswith(" x1") and then == first[:-1] + "2"
+
+
+def test_resnet_ranks_report_and_save_one_model_whose_val_loss_is_the_reported_one(tmp_path):
+    """Each rank's batches move its own batch-norm statistics: averaged before every evaluation and checkpoint,
+    the val_loss summed over both ranks' shards is the saved model's, evaluated in one process."""
+    args = ["model=resnet18", "data=digits", "data.image_size=8", "data.max_val_samples=32", "data.num_workers=0",
+            "trainer.batch_size=8", "trainer.max_steps=3", "trainer.eval_every_steps=3", "trainer.max_time_s=null",
+            "trainer.eval_every_s=null", "trainer.eval_batch_size=16", "trainer.warmup=0", "logger=none"]
+    out = torchrun(*args, f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = make_config(args)
+    data = instantiate(cfg.data)
+    model = instantiate(cfg.model, **data.model_args)
+    model.load_state_dict(torch.load(max(tmp_path.glob("checkpoints/step-*")) / "model.pt"))
+    cpu = torch.device("cpu")
+    saved = evaluate(model, data.val_batches(16), autocast_for(cfg.trainer.precision, cpu), cpu)
+    reported = json.loads((tmp_path / "summary.json").read_text())["final_val_loss"]
+    assert reported == pytest.approx(saved["val_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("args,message", [

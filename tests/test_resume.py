@@ -8,6 +8,7 @@ uninterrupted run's, tensor for tensor and value for value, wall-clock fields as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -22,7 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import make_config, sift_train, tiny_overrides
+from conftest import CORPUS, make_config, sift_train, tiny_overrides
 from sift_cli.checkpoint import changed_keys, load_tensors, verify
 from sift_cli.compare import load_runs
 from sift_cli.config import ConfigError
@@ -282,6 +283,50 @@ def test_raising_max_steps_extends_a_finished_run(reference, corpus_file, tmp_pa
     assert done["status"] == "completed" and done["steps"] == 8 and done["restarts"] == 1
     after = (folder / "metrics.jsonl").read_text().splitlines()
     assert after[:len(before)] == before and [json.loads(r)["step"] for r in after[len(before):]] == [8]
+
+
+def test_extending_onto_a_rewritten_corpus_is_refused_naming_both_fingerprints(tmp_path):
+    """The rewritten corpus gets a token cache of its own: its ids would mean other word pieces."""
+    corpus, folder = tmp_path / "corpus.txt", tmp_path / "run"
+    corpus.write_text(CORPUS)
+    first = run(make_config(overrides("sift", corpus)), folder)
+    records = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    corpus.write_text(CORPUS.replace("function", "method"))
+    with pytest.raises(ConfigError) as refused:
+        run(make_config(overrides("sift", corpus, "trainer.max_steps=8")), folder)
+    found = re.fullmatch(rf"checkpoint {re.escape(str(newest_checkpoint(folder)))} was trained on data "
+                         rf"{first['data_fingerprint']}, this run reads data ([0-9a-f]{{16}}): .*; resume it with its "
+                         rf"own data, or train in a new folder", str(refused.value))
+    assert found and found.group(1) != first["data_fingerprint"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == records
+
+
+def test_a_checkpoint_from_before_data_fingerprints_resumes_with_a_warning(reference, corpus_file, tmp_path):
+    folder = copy_run(reference("sift"), tmp_path / "run")
+    checkpoint = newest_checkpoint(folder)
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state.pop("data_fingerprint") == summary(folder)["data_fingerprint"]
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["state.json"] = {"bytes": (checkpoint / "state.json").stat().st_size,
+                              "sha256": hashlib.sha256((checkpoint / "state.json").read_bytes()).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=re.escape(f"checkpoint {checkpoint} predates data fingerprints")):
+        done = run(make_config(overrides("sift", corpus_file, "trainer.max_steps=8")), folder)
+    assert done["status"] == "completed" and done["steps"] == 8 and done["restarts"] == 1
+
+
+def test_extending_a_run_whose_checkpoints_were_removed_is_refused_and_its_records_kept(reference, corpus_file,
+                                                                                        tmp_path):
+    """Not trained again from step 0 over its records; a run killed before its first checkpoint (still running)
+    starts over as before (test_interrupted_and_resumed_run_is_bit_identical, vanilla)."""
+    folder = copy_run(reference("sift"), tmp_path / "run")
+    shutil.rmtree(folder / "checkpoints")
+    records = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=re.escape(f"the run folder {folder} holds a completed run but no "
+                                                    f"checkpoint to continue it from")):
+        run(make_config(overrides("sift", corpus_file, "trainer.max_steps=8")), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == records
 
 
 def test_the_budget_a_decaying_schedule_runs_over_cannot_change_on_resume(reference, corpus_file, tmp_path, capsys):

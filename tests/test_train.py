@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 
 from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.config import ConfigError
+from sift_cli.data.text import TextData
 from sift_cli.models.bert import BertMLM
 from sift_cli.records import read_metrics
 from sift_cli.train import add_overrides, check_flag_order, check_launcher, run, training_identity
@@ -112,6 +113,23 @@ def test_time_budget_stops_training(corpus_file, tmp_path):
     assert len(rows_of(tmp_path)) >= 3  # step 0, at least one timed evaluation, the final one
 
 
+def test_batches_are_made_on_the_clock_but_the_one_preparing_the_step_needs(corpus_file, tmp_path, monkeypatch):
+    """A data-bound run: every batch takes DELAY to make, two workers make them. Only the first step's batch
+    (counting the step's FLOPs needs one) may be made before the clock starts, so the 11 others take at least
+    11 x DELAY / 2 of training time; workers released before the clock would make several of them for free."""
+    delay, steps, workers = 0.3, 12, 2
+    make = TextData.train_batch
+
+    def slowly(self, *args, **kwargs):
+        time.sleep(delay)
+        return make(self, *args, **kwargs)
+
+    monkeypatch.setattr(TextData, "train_batch", slowly)  # in the forked workers too
+    done = run(make_config(tiny_overrides(corpus_file, f"trainer.max_steps={steps}", "trainer.eval_every_steps=6",
+                                          f"data.num_workers={workers}")), tmp_path)
+    assert done["steps"] == steps and done["train_time_s"] >= (steps - 1) * delay / workers
+
+
 def test_same_seed_same_result_and_validation_is_masked_identically(corpus_file, tmp_path):
     a = run(make_config(tiny_overrides(corpus_file)), tmp_path / "a")
     b = run(make_config(tiny_overrides(corpus_file, "trainer.deterministic=true")), tmp_path / "b")
@@ -200,6 +218,34 @@ def test_cli_multirun_sweep_writes_one_run_folder_per_job(corpus_file, tmp_path)
         assert all(line.split(" | ")[5].endswith(" TFLOP/s") for line in logged[1:])  # a CPU: no known peak
         assert logged[0].endswith("samples/s") and logged[-1].split(" | ")[4] == \
             f"{rows[-1]['samples_seen'] / rows[-1]['train_time_s']:.0f} samples/s"
+
+
+DIGITS = ("model=resnet18", "data=digits", "data.image_size=8", "data.max_val_samples=32", "trainer.batch_size=8",
+          "trainer.max_time_s=null", "trainer.eval_every_s=null", "trainer.warmup=0", "logger=none")
+
+
+@pytest.mark.parametrize("data", ["text", "images"])
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_data_workers_started_by_spawn_or_forkserver_train(method, data, corpus_file, tmp_path):
+    """Workers that are not forks receive the data pickled (the token file as its path, opened there) and the
+    gate that holds them off the clock, made by the start method they are started with."""
+    args = tiny_overrides(corpus_file) if data == "text" else DIGITS
+    out = sift_train(*args, "data.num_workers=1", "trainer.max_steps=3", "trainer.eval_every_steps=3",
+                     f"hydra.run.dir={tmp_path}", start_method=method)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
+
+
+def test_the_joblib_launcher_runs_a_sweep_with_data_workers(corpus_file, tmp_path):
+    """Hydra's joblib launcher runs jobs in loky processes, whose default start method is loky's own: its
+    pickler cannot send multiprocessing's shared memory (the gate) to a DataLoader worker."""
+    out = sift_train("--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "frac=0.5,1.0",
+                     *tiny_overrides(corpus_file), "data.num_workers=1", "trainer.max_steps=3",
+                     "trainer.eval_every_steps=3", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
+    assert [(s["method"], s["status"], s["steps"]) for s in summaries] == [("sift-loss", "completed", 3),
+                                                                           ("vanilla", "completed", 3)]
 
 
 def test_cli_help_and_cfg_show_groups_and_the_composed_config():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -29,6 +30,17 @@ def resolve_workers(num_workers: Union[int, str]) -> int:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"data.num_workers={num_workers} is not allowed; use auto or a whole number >= 0")
     return num_workers
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How DataLoader workers start, for them and for what they share with the main process (the trainer's
+    gate): the process's start method (spawn on macOS, forkserver from Python 3.14 on Linux, or the one the user
+    set), except a launcher's own (the joblib launcher's loky, whose pickler cannot send multiprocessing's
+    shared memory to a worker), in which case the platform's first."""
+    context = multiprocessing.get_context()
+    if context.get_start_method() in multiprocessing.get_all_start_methods():
+        return context
+    return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
 
 
 def worker_signals(worker_id: int) -> None:

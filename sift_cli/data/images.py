@@ -23,7 +23,8 @@ from torchvision.datasets import CIFAR10, ImageFolder
 from torchvision.transforms import v2
 
 from sift_cli.config import ConfigError, first_line
-from sift_cli.data import cache_root, make_known_answer, order, resolve_workers, worker_signals
+from sift_cli.data import (cache_root, make_known_answer, order, resolve_workers, worker_context,
+                           worker_signals)
 
 CIFAR_FILES = "cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta"
 
@@ -142,6 +143,7 @@ class ImageData:
         workers = self.num_workers
         return DataLoader(self.val.shard(rank, world), batch_size, num_workers=workers, persistent_workers=workers > 0,
                           worker_init_fn=worker_signals if workers else None,
+                          multiprocessing_context=worker_context() if workers else None,
                           collate_fn=functools.partial(collate_samples, mean=self.mean, std=self.std))
 
     def describe(self) -> str:

@@ -32,6 +32,7 @@ import sys
 import sysconfig
 import time
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FORMAT = 1              # the token folder's layout: bump it to invalidate every cached folder
+WORDPIECE = 2           # how a vocabulary is trained: 2 since it is a function of the text (train_wordpiece)
+LIMIT_ALPHABET = 1000   # the characters a trained vocabulary keeps, the most frequent (tokenizers' default)
 BATCH_BYTES = 1 << 20   # text per tokeniser call (characters): enough for its threads, little enough to bound memory
 VAL_BLOCK = 1024        # validation sequences masked by one generator
 
@@ -297,18 +300,41 @@ def _tokenizer_sample(stream: Iterator[tuple[str, bool, int]], megabytes: float)
 
 
 def train_wordpiece(docs: Iterable[str], vocab_size: int, path: Path) -> PreTrainedTokenizerFast:
-    """A cased WordPiece tokenizer trained on `docs` (streamed), saved as `path` (a tokenizer.json).
+    """A cased WordPiece tokenizer trained on `docs`, saved as `path` (a tokenizer.json). The same text gives
+    the same vocabulary, id for id, on any machine and with any number of threads.
 
-    The trainer breaks ties in hash-map order (huggingface/tokenizers#1794), so two trainings on the
-    same text may number tokens differently: a corpus's tokenizer is trained once and kept in its cache.
+    tokenizers' trainer alone does not: it numbers the continuing pieces (`##e`) in hash-map order and breaks
+    ties between merges by those numbers (huggingface/tokenizers#1794; the fix, PR #2066, is unreleased), and
+    it cuts the alphabet to the most frequent characters with ties unordered. So a first pass (tokenizers'
+    word-level trainer, which splits text as the WordPiece one does) finds the words and counts the characters;
+    the alphabet is cut with ties broken by character and given to the trainer as its initial alphabet, and
+    the continuing pieces are numbered in character order by giving them to the trainer ahead of the merges, as
+    leading tokens (its special tokens: they are ordinary word pieces, so they are not special afterwards).
     """
+    from tokenizers import Tokenizer, models, trainers
     from tokenizers.implementations import BertWordPieceTokenizer
 
     tok = BertWordPieceTokenizer(lowercase=False)
-    tok.train_from_iterator(docs, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                            show_progress=False)
+    sample, chars = [], Counter()
+
+    def read() -> Iterator[str]:  # the documents kept for the second pass, their characters counted
+        for doc in docs:
+            sample.append(doc)
+            chars.update(tok.normalizer.normalize_str(doc))
+            yield doc
+
+    words = Tokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS[1]))
+    words.normalizer, words.pre_tokenizer = tok.normalizer, tok.pre_tokenizer
+    words.train_from_iterator(read(), trainers.WordLevelTrainer(vocab_size=2**31 - 1, show_progress=False))
+    continuing = set(itertools.chain.from_iterable(word[1:] for word in words.get_vocab()))
+    alphabet = sorted(sorted((c for c in chars if not c.isspace()), key=lambda c: (-chars[c], c))[:LIMIT_ALPHABET])
+    pieces = [f"##{c}" for c in alphabet if c in continuing]
+    tok.train_from_iterator(sample, vocab_size=vocab_size, min_frequency=2, limit_alphabet=len(alphabet),
+                            initial_alphabet=alphabet, special_tokens=SPECIAL_TOKENS + pieces, show_progress=False)
+    saved = json.loads(tok.to_str())
+    saved["added_tokens"] = [t for t in saved["added_tokens"] if t["content"] in SPECIAL_TOKENS]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
+    path.write_text(json.dumps(saved))
     return _load_wordpiece(path)
 
 
@@ -718,7 +744,7 @@ def token_folder(corpus: Corpus, task: str, vocab_size: int, val_fraction: float
     root = _cache(cache_dir)
     pretrained = _load_pretrained(tokenizer, task) if tokenizer else None
     recipe = ("pretrained", _tokenizer_content(pretrained)) if pretrained else ("wordpiece", vocab_size,
-                                                                                 tokenizer_sample_mb)
+                                                                                 tokenizer_sample_mb, WORDPIECE)
     # a capped folder's key marks the exact cut (earlier versions kept up to one piece more), not FORMAT: a
     # new FORMAT would retrain every cached tokenizer
     cap = max_tokens if max_tokens is None else ("exact", max_tokens)
