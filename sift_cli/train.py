@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sift_cli import __version__, distributed
 from sift_cli.checkpoint import (Checkpointer, InvalidCheckpoint, changed_keys, check_data, check_folder, check_lost,
                                  decay_note, holds_run, load_tensors, read_run, verify)
-from sift_cli.config import (ConfigError, SelectionConfig, check_exit_layer, check_positions, check_task, choice_name,
-                             decay_budget, exit_block, first_line, method, run_name, validate)
+from sift_cli.config import (DECAYING, ConfigError, SelectionConfig, check_exit_layer, check_positions, check_task,
+                             choice_name, decay_budget, exit_block, first_line, method, run_name, validate)
 from sift_cli.faults import kill_point
 from sift_cli.hardware import accelerator
 from sift_cli.interrupts import BEFORE_ANY_RUN, catch_early_interrupts, check_interrupted, interrupted
@@ -170,7 +170,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
         if main:
             budget = decay_budget(cfg.trainer.scheduler, cfg.trainer.schedule_unit,
                                   SelectionConfig.windowed(cfg.selection))
-            further = (f"its schedule ran its course over {budget}: train longer in a new folder" if budget else
+            course = ("its learning rate decayed over" if cfg.trainer.scheduler in DECAYING else
+                      "its selection window is a share of")
+            further = (f"{course} {budget}: train longer in a new folder" if budget else
                        "raise trainer.max_steps or trainer.max_time_s to train it further")
             print(f"{summary['run_name']}: already completed in {run_dir} ({further})")
         return summary
