@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import BertConfig, BertForMaskedLM, TrainingArguments
 
 from sift_cli.data.text import text_files
-from sift_cli.hf import MaskedRows, SiftTrainer
+from sift_cli.hf import SiftTrainer, TrainRows
 
 README = Path(__file__).resolve().parents[1] / "README.md"  # a local text that is always there
 
@@ -47,7 +47,7 @@ def main() -> None:
                              logging_steps=max(1, a.steps // 10), eval_strategy="steps",
                              eval_steps=max(1, a.steps // 2), save_strategy="no", report_to=a.report_to,
                              disable_tqdm=True, use_cpu=True)
-    trainer = SiftTrainer(model, args, train_dataset=MaskedRows(data), eval_dataset=validation,
+    trainer = SiftTrainer(model, args, train_dataset=TrainRows(data), eval_dataset=validation,
                           exit_layer=a.exit_layer, frac=a.frac, criterion=a.criterion)
     trainer.train()
     print(f"validation loss {trainer.evaluate()['eval_loss']:.4f}")
