@@ -213,19 +213,24 @@ def test_bad_arguments_are_refused_before_training(tmp_path, kwargs, message):
         SiftTrainer(tiny_bert(), arguments(tmp_path, 4), train_dataset=masked_rows(8), **kwargs)
 
 
-def test_the_example_fine_tunes_a_tiny_bert_and_saves_it_for_transformers_alone(tmp_path, corpus_file):
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+@pytest.mark.parametrize("model", ["gpt2", "bert"])
+def test_the_example_fine_tunes_a_tiny_model_and_saves_it_for_transformers_alone(tmp_path, corpus_file, model):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    done = subprocess.run([sys.executable, "examples/hf_trainer.py", "--text", str(corpus_file), "--out", str(tmp_path),
-                           "--steps", "4", "--batch-size", "8", "--seq-len", "32", "--vocab-size", "200"],
+    done = subprocess.run([sys.executable, "examples/hf_trainer.py", "--model", model, "--text", str(corpus_file),
+                           "--out", str(tmp_path), "--steps", "4", "--batch-size", "8", "--seq-len", "32",
+                           "--vocab-size", "200"],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "'rows_scored': 8, 'rows_kept': 4" in done.stdout  # a log a step: 4 of the batch's 8 rows kept
-    model, tokenizer = (AutoModelForMaskedLM.from_pretrained(tmp_path / "hf"),
-                        AutoTokenizer.from_pretrained(tmp_path / "hf"))
-    ids = tokenizer(f"the quick function returns the {tokenizer.mask_token}", return_tensors="pt")
-    assert model(**ids).logits.shape[-1] == len(tokenizer)
+    auto = AutoModelForCausalLM if model == "gpt2" else AutoModelForMaskedLM
+    trained, tokenizer = auto.from_pretrained(tmp_path / "hf"), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(trained).__name__ == ("GPT2LMHeadModel" if model == "gpt2" else "BertForMaskedLM")
+    ids = tokenizer(f"the quick function returns the {tokenizer.mask_token or 'length'}", return_tensors="pt")
+    out = trained(input_ids=ids["input_ids"], labels=ids["input_ids"] if model == "gpt2" else None)
+    assert out.logits.shape[-1] == len(tokenizer)
+    assert model == "bert" or torch.isfinite(out.loss)  # the causal LM's own next-token loss on the text
 
 
 DDP = """
