@@ -13,6 +13,7 @@ pass's largest cost, so `score_positions` scores a fixed number of evenly spaced
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -137,6 +138,11 @@ class CausalLM(nn.Module):
         with modes_kept(lm):
             model._check_blocks(None)
         return model
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The transformers model as it saves itself: AutoModelForCausalLM loads it, and model.pretrained takes it
+        back. Tuned-lens translators are sift-train's scoring heads, not part of the model: they are not saved."""
+        self.lm.save_pretrained(folder)
 
     def _check_blocks(self, pretrained: Optional[str]) -> None:
         """The blocks run one by one must give the model's own logits: an architecture that prepares its
