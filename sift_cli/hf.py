@@ -118,6 +118,19 @@ class SiftTrainer(Trainer):
             loss = model(inputs)
         return loss.detach(), None, None
 
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """A checkpoint: the Trainer saves a model that is not a PreTrainedModel (the adapter) as one safetensors
+        state_dict, which refuses tensors that share memory, as tied embeddings and heads do (BERT's, GPT-2's).
+        Each tied tensor after the first is saved as a copy, so every key is there and resume_from_checkpoint
+        loads them all (the tie holds: equal values load into one tensor); the cost is their bytes on disk."""
+        state = self.model.state_dict() if state_dict is None else state_dict
+        stored, untied = set(), {}
+        for name, tensor in state.items():
+            where = tensor.untyped_storage().data_ptr()
+            untied[name] = tensor.clone() if where in stored else tensor
+            stored.add(where)
+        super()._save(output_dir, untied)
+
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
         if "loss" in logs and self._scored:  # a training log: the selection since the previous one
             sums = self._score_sums if self._score_sums is not None else torch.zeros(2, device=self.args.device)

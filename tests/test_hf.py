@@ -202,6 +202,21 @@ def test_the_selection_window_selects_on_the_cli_schedule_of_global_steps(tmp_pa
     assert [cli.selects(s / 8, s) for s in range(8)] == selecting  # the CLI's step selects on the same steps
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_checkpoints_of_tied_weights_save_and_resume_to_the_same_weights(tmp_path, name):
+    """The Trainer's default saves checkpoints (every 500 steps); tied embeddings and heads must not stop it, and a
+    run resumed from its step-2 checkpoint must end where the uninterrupted one did."""
+    tiny, data, _ = FAMILIES[name]
+    whole = tiny()
+    SiftTrainer(whole, arguments(tmp_path, 4, steps=4, save_strategy="steps", save_steps=2), train_dataset=data(16),
+                frac=0.5, criterion="loss_proportional").train()  # draws at random: resume must draw the same
+    resumed = tiny(seed=1)  # other weights: the checkpoint's must replace them
+    SiftTrainer(resumed, arguments(tmp_path, 4, steps=4), train_dataset=data(16), frac=0.5,
+                criterion="loss_proportional").train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"frac": 1.5}, r"frac=1.5 is outside \(0, 1\]"),
     ({"selection_start": 1.5}, r"selection_start=1.5 is outside \[0, 1\]; it is a fraction of the budget \(max_steps\)"),
