@@ -63,7 +63,7 @@ def causal_val_loss(folder, batches) -> float:
 @pytest.mark.parametrize("model", ["gpt2_tiny", "llama_tiny"])
 def test_an_exported_decoder_gives_the_recorded_validation_loss_and_trains_on(corpus_file, tmp_path, model):
     causal = [o if o != "data=text_files" else "data=text_files_causal" for o in tiny_overrides(corpus_file)]
-    size = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128"] if model == "llama_tiny" else []
+    size = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128"] * (model == "llama_tiny")
     cfg = make_config([*causal, f"model={model}", *size, "model.exit_head=tuned"])
     run(cfg, tmp_path / "run")
     folder = tmp_path / "run" / "hf"

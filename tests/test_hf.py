@@ -219,7 +219,8 @@ def test_checkpoints_of_tied_weights_save_and_resume_to_the_same_weights(tmp_pat
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"frac": 1.5}, r"frac=1.5 is outside \(0, 1\]"),
-    ({"selection_start": 1.5}, r"selection_start=1.5 is outside \[0, 1\]; it is a fraction of the budget \(max_steps\)"),
+    ({"selection_start": 1.5}, r"selection_start=1.5 is outside \[0, 1\]; it is a fraction of the budget "
+                               r"\(max_steps\)"),
     ({"selection_start": 0.6, "selection_end": 0.4}, "selection_start=0.6 is not below selection_end=0.4"),
     ({"selection_every": 0}, "selection_every=0 is not allowed"),
 ])
