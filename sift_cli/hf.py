@@ -104,11 +104,10 @@ class SiftTrainer(Trainer):
     def _selection(self, batch: dict) -> Selection:
         """The CLI step's Selection for a batch of this process: its knobs, draws and window."""
         scored, kept = step_sizes(rows(batch), self.frac, "scored") if batch else (0, 0)
+        device = next(iter(batch.values())).device if batch else self.args.device
         return Selection(frac=self.frac, criterion=self.criterion, scored=scored, kept=kept, seed=self.args.seed,
-                         scope="local", device=next(iter(batch.values())).device if batch else self.args.device,
-                         world=self.args.world_size,
-                         rank=self.args.process_index, start=self.window.start, end=self.window.end,
-                         every=self.window.every)
+                         scope="local", device=device, world=self.args.world_size, rank=self.args.process_index,
+                         start=self.window.start, end=self.window.end, every=self.window.every)
 
     def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool,
                         ignore_keys: Optional[list] = None):
