@@ -253,13 +253,14 @@ DDP = """
 import json, os, sys
 import torch
 sys.path[:0] = [os.environ["TESTS"], os.path.dirname(os.environ["TESTS"])]  # the tests' helpers, this checkout
-from test_hf import arguments, masked_rows, tiny_bert
+from test_hf import FAMILIES, arguments
 from sift_cli.hf import SiftTrainer
 
-out = os.environ["OUT"]
-model = tiny_bert()
+out, (tiny, data, _) = os.environ["OUT"], FAMILIES[os.environ["FAMILY"]]
+model = tiny()
 start = sum(p.detach().abs().sum().item() for p in model.parameters())
-trainer = SiftTrainer(model, arguments(out, 4, steps=2), train_dataset=masked_rows(16), frac=0.5)
+trainer = SiftTrainer(model, arguments(out, 4, steps=2), train_dataset=data(16), frac=0.5,
+                      selection_every=int(os.environ["EVERY"]))
 trainer.train()
 with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
     json.dump({"distributed": trainer.accelerator.distributed_type.value, "start": start,
@@ -268,19 +269,21 @@ with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
 """
 
 
-def test_under_ddp_each_process_selects_its_own_rows_and_the_logs_count_both(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,every", [("bert", 1), ("gpt2", 2)])
+def test_under_ddp_each_process_selects_its_own_rows_and_the_logs_count_both(tmp_path, monkeypatch, name, every):
+    """Two processes of 4 rows each; GPT-2 selects on every second step (step 0), both processes alike."""
     from test_distributed import torchrun
 
     script = tmp_path / "ddp.py"
     script.write_text(DDP)
-    monkeypatch.setenv("TESTS", str(REPO / "tests"))
-    monkeypatch.setenv("OUT", str(tmp_path))
+    for key, value in {"TESTS": REPO / "tests", "OUT": tmp_path, "FAMILY": name, "EVERY": every}.items():
+        monkeypatch.setenv(key, str(value))
     done = torchrun(script=script)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["distributed"] == "MULTI_CPU"
-    for rank in ranks:  # 2 of each process's 4 rows, counted over both processes
-        assert [(r["rows_scored"], r["rows_kept"]) for r in rank["logs"]] == [(8, 4)] * 2
+    for rank in ranks:  # 2 of each process's 4 rows on a selecting step, counted over both processes
+        assert [(r["rows_scored"], r["rows_kept"]) for r in rank["logs"]] == [(8, 4), (8, 4 if every == 1 else 8)]
     # DDP synchronised the gradients of the kept rows: both processes hold the same trained weights
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=1e-6)
     assert ranks[0]["weights"] != pytest.approx(ranks[0]["start"], rel=1e-6)
