@@ -8,7 +8,6 @@ same weights, batch and random draws, `select` keeps the rows the CLI keeps.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -16,9 +15,11 @@ from torch import Tensor, nn
 
 from sift_cli import distributed
 from sift_cli.config import CRITERIA, step_sizes
+from sift_cli.models import modes_kept
 from sift_cli.trainer import Selection, rows, scorer, take
 
 CONTRACT = ("exit_scores", "scoring_mode", "loss", "depth")  # what the step asks of a model
+ADAPTED = "_sift_adapter"  # where a model built elsewhere keeps its adapter
 
 
 def _bert_for_masked_lm(model: nn.Module) -> Optional[nn.Module]:
@@ -31,24 +32,42 @@ def _bert_for_masked_lm(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-# Each entry turns a model built elsewhere into one behind the contract, or answers None: a new family (a causal
-# LM) adds its function here and select() and SiftTrainer take it as they are.
-ADAPTERS: list[Callable[[nn.Module], Optional[nn.Module]]] = [_bert_for_masked_lm]
+def _causal_lm(model: nn.Module) -> Optional[nn.Module]:
+    """A transformers causal LM (GPT2LMHeadModel, LlamaForCausalLM, ...: a class AutoModelForCausalLM builds, or a
+    subclass of one)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if any(c.__name__ in causal for c in type(model).__mro__):
+        from sift_cli.models.decoder import CausalLM
+
+        return CausalLM.around(model)
+    return None
+
+
+# Each entry turns a model built elsewhere into one behind the contract, or answers None: a new family adds its
+# function here and select() and SiftTrainer take it as they are.
+ADAPTERS: list[Callable[[nn.Module], Optional[nn.Module]]] = [_bert_for_masked_lm, _causal_lm]
 
 
 def adapter(model: nn.Module) -> nn.Module:
-    """`model` behind the model contract: sift-train's own models (BertMLM, ResNetClassifier) as they are, a
-    Hugging Face model wrapped by its family's adapter (its weights shared, not copied). DDP's wrapper is looked
-    through: scoring needs no gradient synchronisation."""
+    """`model` behind the model contract: sift-train's own models (BertMLM, CausalLM, ResNetClassifier) as they
+    are, a Hugging Face model wrapped by its family's adapter (its weights shared, not copied). DDP's wrapper is
+    looked through: scoring needs no gradient synchronisation. A model is adapted once, on its first call: the
+    adapter is kept on it (a plain attribute, outside its modules and state_dict), since a causal LM's adapter
+    checks its blocks with a forward pass and a host sync that must not recur at every select()."""
     model = distributed.unwrap(model)
     if all(hasattr(model, name) for name in CONTRACT):
         return model
+    if ADAPTED in vars(model):
+        return vars(model)[ADAPTED]
     for wrap in ADAPTERS:
         found = wrap(model)
         if found is not None:
+            object.__setattr__(model, ADAPTED, found)  # not nn.Module's: that would make it a submodule
             return found
-    raise TypeError(f"{type(model).__name__} has no SIFT adapter; pass a sift_cli model (BertMLM, ResNetClassifier) "
-                    f"or a transformers BertForMaskedLM")
+    raise TypeError(f"{type(model).__name__} has no SIFT adapter; pass a sift_cli model (BertMLM, CausalLM, "
+                    f"ResNetClassifier), a transformers BertForMaskedLM or a causal LM (GPT2LMHeadModel, ...)")
 
 
 def default_generator(device: torch.device) -> torch.Generator:
@@ -68,17 +87,6 @@ class _Drawn(Selection):
 
     def generator(self, step: int) -> torch.Generator:
         return self.drawn
-
-
-@contextlib.contextmanager
-def modes_kept(model: nn.Module):
-    """Every submodule's train/eval flag as it was before: a model's scoring_mode leaves it in training mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def check_arguments(core: nn.Module, exit_layer: int, frac: float, criterion: str) -> None:
@@ -121,12 +129,16 @@ def select(model: nn.Module, batch: dict, exit_layer: int = 1, frac: float = 0.5
     they were; the pass runs under whatever autocast the caller has entered. frac=1 runs no scoring pass and
     keeps every row.
 
-    model: sift-train's BertMLM or ResNetClassifier, or a transformers BertForMaskedLM as you built it (see
-    ADAPTERS for adding a family). batch: sift-train's format, a dict of tensors with one row per sample:
+    model: sift-train's BertMLM, CausalLM or ResNetClassifier, or a transformers BertForMaskedLM or causal LM
+    (GPT2LMHeadModel, LlamaForCausalLM, ...: what AutoModelForCausalLM builds) as you built it (see ADAPTERS for
+    adding a family; a causal LM is scored by the logit lens, its own final norm and LM head after block
+    `exit_layer`, at every position). batch: sift-train's format, a dict of tensors with one row per sample:
     BERT {input_ids [B, L], mask_positions [B, P], mask_labels [B, P]}, exactly P masked tokens per row (a
     position and its original token; HF's labels with -100 map to it when every row has P labels, once per
     batch and with a host sync: mask_positions = (labels != -100).nonzero()[:, 1].view(B, P),
     mask_labels = labels.gather(1, mask_positions));
+    decoders {input_ids [B, L + 1]}, packed windows without padding: the first L tokens the input, the last L
+    their next-token targets (transformers' model(input_ids=ids, labels=ids).loss is the same mean loss);
     ResNet {images [B, C, H, W], labels [B]}.
     generator: the random draws of loss_proportional and random, on the batch's device (default: torch's global
     generator there). `sift_cli.data.order.seeded(seed, "select", step, device=device)` makes the draws of

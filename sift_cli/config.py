@@ -406,18 +406,20 @@ def check_task(model: type, data_task: Optional[str], model_name: str, data_name
                           f"pick a data choice of the same task")
 
 
-def check_window(node) -> None:
-    """selection.start/end: fractions of the budget, start below end; selection.every: a whole number >= 1."""
+def check_window(node, name: str = "selection.{}", budget: str = "trainer.schedule_unit") -> None:
+    """selection.start/end: fractions of the budget, start below end; selection.every: a whole number >= 1.
+    `name` and `budget` say them in the caller's words (SiftTrainer's selection_start, of max_steps)."""
+    start, end, every = (name.format(key) for key in ("start", "end", "every"))
     for key in ("start", "end"):
-        value = node[key]
+        value = getattr(node, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ConfigError(f"selection.{key}={value} is outside [0, 1]; it is a fraction of the budget "
-                              f"(trainer.schedule_unit), e.g. selection.start=0.5")
+            raise ConfigError(f"{name.format(key)}={value} is outside [0, 1]; it is a fraction of the budget "
+                              f"({budget}), e.g. {start}=0.5")
     if node.start >= node.end:
-        raise ConfigError(f"selection.start={node.start} is not below selection.end={node.end}: the window would "
+        raise ConfigError(f"{start}={node.start} is not below {end}={node.end}: the window would "
                           f"hold no step; use start < end (frac=1.0 trains without selection)")
     if isinstance(node.every, bool) or not isinstance(node.every, int) or node.every < 1:
-        raise ConfigError(f"selection.every={node.every} is not allowed; select on one step in every N, N a whole "
+        raise ConfigError(f"{every}={node.every} is not allowed; select on one step in every N, N a whole "
                           f"number >= 1 (1: every step; 2: Composer's interrupt=2)")
 
 

@@ -254,9 +254,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: Optional[dict] = None, sweep: O
 
 
 def export(model, data, run_dir: Path) -> Path:
-    """The model and its tokenizer as one save_pretrained folder, <run>/hf: AutoModelForMaskedLM and AutoTokenizer
-    load it without sift-train, and model.pretrained takes it back. Written beside it and then moved into place,
-    so the folder is never half written."""
+    """The model and its tokenizer as one save_pretrained folder, <run>/hf: AutoModelForMaskedLM (a BERT) or
+    AutoModelForCausalLM (a decoder) and AutoTokenizer load it without sift-train, and model.pretrained takes it
+    back. Written beside it and then moved into place, so the folder is never half written."""
     folder, partial = run_dir / "hf", run_dir / "hf.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

@@ -10,10 +10,11 @@ from sift_cli.api import adapter, select
 from sift_cli.config import CRITERIA, step_sizes
 from sift_cli.data.order import seeded
 from sift_cli.models.bert import BertMLM
+from sift_cli.models.decoder import CausalLM
 from sift_cli.models.resnet import ResNetClassifier
 from sift_cli.trainer import Selection, autocast_for, grad_scaler_for, scorer, train_step
 
-FAMILIES = ("bert", "hf_bert", "resnet")
+FAMILIES = ("bert", "hf_bert", "resnet", "causal", "hf_gpt2", "hf_llama")
 CPU = torch.device("cpu")
 
 
@@ -25,6 +26,11 @@ def family(name: str, seed: int = 0):
         model = ResNetClassifier("resnet18", num_classes=5, image_size=8)
         return model, model, {"images": torch.randn(10, 3, 8, 8, generator=g),
                               "labels": torch.randint(5, (10,), generator=g)}
+    if name in ("causal", "hf_gpt2", "hf_llama"):  # windows of 16 inputs and their 16 next tokens
+        model = CausalLM(vocab_size=50, seq_len=16, arch="llama" if name == "hf_llama" else "gpt2", num_layers=3,
+                         hidden_size=32, num_heads=2, intermediate_size=64, max_position=32, dropout=0.1)
+        # hf_*: the user's own transformers causal LM, the very module CausalLM wraps
+        return (model if name == "causal" else model.lm), model, {"input_ids": torch.randint(50, (10, 17), generator=g)}
     model = BertMLM(vocab_size=50, num_layers=3, hidden_size=32, num_heads=2, intermediate_size=64, max_position=16)
     positions = torch.rand(10, 16, generator=g).topk(3, dim=1).indices.sort(dim=1).values
     batch = {"input_ids": torch.randint(50, (10, 16), generator=g), "mask_positions": positions,
@@ -96,12 +102,28 @@ def test_frac_1_keeps_every_row_without_a_scoring_pass(name, monkeypatch):
     assert len(calls) == 1
 
 
-def test_a_hugging_face_bert_is_wrapped_without_copying_its_weights():
-    hf = family("hf_bert")[0]
+@pytest.mark.parametrize("name", ["hf_bert", "hf_gpt2", "hf_llama"])
+def test_a_hugging_face_model_is_wrapped_once_without_copying_its_weights(name):
+    hf = family(name)[0]
+    keys, modules = list(hf.state_dict()), list(hf.modules())
     wrapped = adapter(hf)
-    assert wrapped.mlm is hf and wrapped.depth == hf.config.num_hidden_layers
+    assert (wrapped.mlm if name == "hf_bert" else wrapped.lm) is hf and wrapped.depth == hf.config.num_hidden_layers
+    assert all(p is q for p, q in zip(wrapped.parameters(), hf.parameters()))
+    assert adapter(hf) is wrapped  # adapted once: the causal adapter's check of its blocks does not recur
+    assert list(hf.state_dict()) == keys and list(hf.modules()) == modules  # nothing joined the user's model
+
+
+def test_models_without_an_adapter_or_a_causal_pass_are_refused_in_one_line():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     with pytest.raises(TypeError, match="Linear has no SIFT adapter"):
         adapter(torch.nn.Linear(2, 2))
+    eager = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                       attn_implementation="eager"))
+    with pytest.raises(ValueError, match="uses attn_implementation='eager'.*set_attn_implementation"):
+        adapter(eager)
+    eager.set_attn_implementation("sdpa")  # what the message says to do
+    assert len(select(eager, {"input_ids": torch.randint(50, (4, 17))})[0]) == 2
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 from hydra.utils import instantiate
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from conftest import make_config, sift_train, tiny_overrides
 from sift_cli.checkpoint import load_tensors
@@ -44,6 +44,49 @@ def test_an_exported_bert_gives_the_recorded_validation_loss_and_trains_on(corpu
 
     # model.pretrained takes it back: a new run starts from the exported weights
     run(make_config(tiny_overrides(corpus_file, f"model.pretrained={folder}")), tmp_path / "again")
+    assert read_metrics(tmp_path / "again")[0]["val_loss"] == pytest.approx(recorded["val_loss"], rel=1e-5)
+
+
+def causal_val_loss(folder, batches) -> float:
+    """The validation loss of an exported decoder, by transformers alone: the model's own next-token loss of each
+    window (its L+1 tokens as input_ids and labels: L predictions), weighted by its prediction count."""
+    model = AutoModelForCausalLM.from_pretrained(folder)  # in eval mode
+    total = count = 0
+    with torch.no_grad():
+        for b in batches:
+            ids = b["input_ids"]
+            total += model(input_ids=ids, labels=ids).loss.item() * ids[:, 1:].numel()
+            count += ids[:, 1:].numel()
+    return total / count
+
+
+@pytest.mark.parametrize("model", ["gpt2_tiny", "llama_tiny"])
+def test_an_exported_decoder_gives_the_recorded_validation_loss_and_trains_on(corpus_file, tmp_path, model):
+    causal = [o if o != "data=text_files" else "data=text_files_causal" for o in tiny_overrides(corpus_file)]
+    size = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128"] * (model == "llama_tiny")
+    cfg = make_config([*causal, f"model={model}", *size, "model.exit_head=tuned"])
+    run(cfg, tmp_path / "run")
+    folder = tmp_path / "run" / "hf"
+    recorded = read_metrics(tmp_path / "run")[-1]
+    assert recorded["step"] == 6
+    data = instantiate(cfg.data)  # the run's validation windows (from the cache the run built)
+    assert causal_val_loss(folder, data.val_batches(16)) == pytest.approx(recorded["val_loss"], rel=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.get_vocab() == data.tokenizer.get_vocab()
+    text = "The quick function returns the length of its argument."
+    assert tokenizer(text)["input_ids"] == data.tokenizer(text)["input_ids"]
+    # the final checkpoint's weights, tensor for tensor, less the tuned lens's translators (sift-train's scoring
+    # heads, not part of the model)
+    saved = load_tensors(tmp_path / "run" / "checkpoints" / "step-000000006")["model"]
+    exported = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    model_keys = {k for k in saved if not k.startswith("translators.")}
+    assert model_keys < saved.keys() and exported.keys() == {k.removeprefix("lm.") for k in model_keys}
+    assert all(torch.equal(exported[k.removeprefix("lm.")], saved[k]) for k in model_keys)
+
+    # model=causal_lm model.pretrained takes it back: a new run starts from the exported weights and tokenizer
+    again = make_config([*causal, "model=causal_lm", f"model.pretrained={folder}"])
+    assert again.data.tokenizer == str(folder)
+    run(again, tmp_path / "again")
     assert read_metrics(tmp_path / "again")[0]["val_loss"] == pytest.approx(recorded["val_loss"], rel=1e-5)
 
 

@@ -13,6 +13,7 @@ pass's largest cost, so `score_positions` scores a fixed number of evenly spaced
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -22,6 +23,7 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from sift_cli.config import ConfigError, first_line
+from sift_cli.models import modes_kept
 from sift_cli.selection import prediction_scores
 
 ARCHS = ("gpt2", "llama")
@@ -87,23 +89,13 @@ class CausalLM(nn.Module):
                               f"sequence (data.seq_len); use 1..{seq_len}, or null to score every position")
         if not 0 <= dropout < 1:
             raise ConfigError(f"model.dropout={dropout} is not allowed; use a probability in [0, 1), e.g. 0.0")
-        self.lm = load_pretrained(pretrained) if pretrained else from_config(
+        self._adopt(load_pretrained(pretrained) if pretrained else from_config(
             arch, vocab_size, num_layers, hidden_size, num_heads, num_kv_heads, intermediate_size, max_position,
-            dropout)
-        config, base = self.lm.config, self.lm.base_model
-        self.depth = config.num_hidden_layers
-        self.max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        # the pieces of the model's own forward, by the names transformers' decoders give them (names, not
-        # modules: a module kept here would be registered twice, and saved twice)
-        self._parts = {"blocks": next((n for n, m in base.named_children()
-                                       if isinstance(m, nn.ModuleList) and len(m) == self.depth), None),
-                       "norm": _named(base, FINAL_NORMS), "embed_dropout": _named(base, EMBEDDING_DROPOUTS),
-                       "learned_positions": _named(base, ("wpe",)),  # GPT-2
-                       "rotary": _named(base, ("rotary_emb",))}  # Llama, Qwen2, GPT-NeoX: computed once, passed on
+            dropout))
+        config = self.lm.config
         # scored positions: evenly spaced, built once (static shapes); all of them by default
         count = score_positions or seq_len
         self.register_buffer("positions", torch.linspace(0, seq_len - 1, count).round().long(), persistent=False)
-        self.translators = None
         if exit_head == "tuned":  # one affine map per exit below the top, identity to start: the logit lens
             self.translators = nn.ModuleList(nn.Linear(config.hidden_size, config.hidden_size)
                                              for _ in range(self.depth - 1))
@@ -114,6 +106,43 @@ class CausalLM(nn.Module):
         if pretrained and vocab_size > config.vocab_size:
             raise ConfigError(f"model.pretrained={pretrained} has {config.vocab_size:,} token embeddings but the "
                               f"data's tokenizer has {vocab_size:,} tokens; use the tokenizer of the same folder")
+
+    def _adopt(self, lm: nn.Module) -> None:
+        self.lm = lm
+        config, base = lm.config, lm.base_model
+        self.depth = config.num_hidden_layers
+        self.max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # the pieces of the model's own forward, by the names transformers' decoders give them (names, not
+        # modules: a module kept here would be registered twice, and saved twice)
+        self._parts = {"blocks": next((n for n, m in base.named_children()
+                                       if isinstance(m, nn.ModuleList) and len(m) == self.depth), None),
+                       "norm": _named(base, FINAL_NORMS), "embed_dropout": _named(base, EMBEDDING_DROPOUTS),
+                       "learned_positions": _named(base, ("wpe",)),  # GPT-2
+                       "rotary": _named(base, ("rotary_emb",))}  # Llama, Qwen2, GPT-NeoX: computed once, passed on
+        self.translators = None
+
+    @classmethod
+    def around(cls, lm: nn.Module) -> "CausalLM":
+        """A CausalLM over a transformers causal LM built elsewhere (a user's model): the same module, its weights
+        shared, not copied, so training either trains both. Its exit head is the logit lens, scoring every position
+        of whatever length a batch has. A model whose blocks, run one by one, do not give its own logits is refused
+        as in __init__; the check leaves every submodule's train/eval mode as it was."""
+        if lm.config._attn_implementation == "eager":  # a block run alone with no mask would not mask the future
+            raise ConfigError(f"this {type(lm).__name__} uses attn_implementation='eager', whose blocks the cheap pass "
+                              f"cannot run causally; use 'sdpa' (transformers' default) or flash attention, e.g. "
+                              f"model.set_attn_implementation('sdpa')")
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._adopt(lm)
+        model.register_buffer("positions", None, persistent=False)
+        with modes_kept(lm):
+            model._check_blocks(None)
+        return model
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The transformers model as it saves itself: AutoModelForCausalLM loads it, and model.pretrained takes it
+        back. Tuned-lens translators are sift-train's scoring heads, not part of the model: they are not saved."""
+        self.lm.save_pretrained(folder)
 
     def _check_blocks(self, pretrained: Optional[str]) -> None:
         """The blocks run one by one must give the model's own logits: an architecture that prepares its
@@ -182,8 +211,9 @@ class CausalLM(nn.Module):
         mean-pooled hidden state."""
         ids = batch["input_ids"]
         h = self._hidden(ids[:, :-1], k)[-1]
-        logits = self._logits(h[:, self.positions], k)
-        targets = ids[:, 1:][:, self.positions]
+        at = slice(None) if self.positions is None else self.positions  # None: every position (around's)
+        logits = self._logits(h[:, at], k)
+        targets = ids[:, 1:][:, at]
         scores = prediction_scores(logits.flatten(0, 1), targets.flatten(), criterion).view(targets.shape).mean(1)
         return (scores, h.float().mean(1)) if features else scores
 
