@@ -305,7 +305,7 @@ def train_step(model, score_fn: Callable, batch: dict, optimizer: Optional[torch
         batch = take(batch, sel.share(keep))
     elif sel.plain < sel.scored:  # batch_mode=updated: B of the rows drawn, a static slice
         batch = {k: v[:sel.plain] for k, v in batch.items()}
-    total, parts = rows(batch), sel.micro
+    total, parts, loss = rows(batch), sel.micro, None
     for i, part in enumerate(micro_batches(batch, parts)):
         with distributed.no_sync(model) if i < parts - 1 else contextlib.nullcontext():  # reduce once, at the last
             with autocast():
@@ -313,7 +313,7 @@ def train_step(model, score_fn: Callable, batch: dict, optimizer: Optional[torch
             if parts > 1:
                 part_loss = part_loss * (rows(part) / total)
             scaler.scale(part_loss).backward()  # fp16: scaled, so that small gradients do not flush to zero
-        loss = part_loss.detach() if i == 0 else loss + part_loss.detach()
+        loss = part_loss.detach() if loss is None else loss + part_loss.detach()
     if optimizer is not None:
         scaler.step(optimizer)  # fp16: unscaled, and skipped when a gradient overflowed
         scaler.update()

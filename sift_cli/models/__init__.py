@@ -1,8 +1,22 @@
 """The model families behind the model contract (exit_scores, scoring_mode, loss, evaluate, depth)."""
 
 import contextlib
+from typing import Optional
 
 from torch import nn
+
+
+class DropoutOffScoring:
+    """The cheap pass's mode of a model without batch norm (BERT, decoders): dropout off; score_bn, which
+    chooses batch norm's statistics, has no say here."""
+
+    @contextlib.contextmanager
+    def scoring_mode(self, score_bn: Optional[str] = None):
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train()
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ vocabulary head costs more than several encoder layers.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertForMaskedLM
 
 from sift_cli.config import ConfigError, first_line
+from sift_cli.models import DropoutOffScoring
 from sift_cli.selection import prediction_scores
 
 
@@ -62,7 +62,7 @@ def autocast_layer_norms(model: nn.Module) -> None:
                 setattr(parent, name, norm)
 
 
-class BertMLM(nn.Module):
+class BertMLM(DropoutOffScoring, nn.Module):
     task = "mlm"
 
     def __init__(
@@ -135,15 +135,6 @@ class BertMLM(nn.Module):
         h = self._encode(batch["input_ids"], k)
         index = batch["mask_positions"].unsqueeze(-1).expand(-1, -1, h.shape[-1])
         return h.gather(1, index), h
-
-    @contextlib.contextmanager
-    def scoring_mode(self, score_bn: Optional[str] = None):
-        """The cheap pass's mode: dropout off (BERT has no batch norm, so score_bn has no say here)."""
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train()
 
     def exit_scores(self, batch: dict, k: int, criterion: str, features: bool = False):
         """Mean score over each row's masked tokens; with features, also the mean-pooled hidden state."""

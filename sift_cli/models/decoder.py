@@ -12,7 +12,6 @@ pass's largest cost, so `score_positions` scores a fixed number of evenly spaced
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +22,7 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from sift_cli.config import ConfigError, first_line
-from sift_cli.models import modes_kept
+from sift_cli.models import DropoutOffScoring, modes_kept
 from sift_cli.selection import prediction_scores
 
 ARCHS = ("gpt2", "llama")
@@ -67,7 +66,7 @@ def _named(module: nn.Module, names: tuple[str, ...]) -> Optional[str]:
     return next((n for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
 
 
-class CausalLM(nn.Module):
+class CausalLM(DropoutOffScoring, nn.Module):
     task = "causal"
 
     def __init__(self, vocab_size: int, seq_len: int, arch: str = "gpt2", num_layers: int = 12,
@@ -196,15 +195,6 @@ class CausalLM(nn.Module):
             return functional_call(head, {n: p.detach() for n, p in head.named_parameters()},
                                    (functional_call(norm, {n: p.detach() for n, p in norm.named_parameters()}, (h,)),))
         return head(norm(h))
-
-    @contextlib.contextmanager
-    def scoring_mode(self, score_bn: Optional[str] = None):
-        """The cheap pass's mode: dropout off (no batch norm, so score_bn has no say here)."""
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train()
 
     def exit_scores(self, batch: dict, k: int, criterion: str, features: bool = False):
         """Mean next-token score over each row's scored positions, from block k; with features, also the
