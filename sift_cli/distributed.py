@@ -98,6 +98,12 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_world() -> int:
+    """How many processes the launcher started for this run (torchrun, SLURM, submitit), before any process group."""
+    _from_slurm()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main() -> bool:
     return rank() == 0
 

@@ -337,7 +337,9 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     try:
         summary = run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep, show)
     except ConfigError as err:
-        if not multirun and distributed.is_main():  # a sweep's job folder stays: sift-compare names the failed job
+        # a sweep's job folder stays (sift-compare names the failed job), and so does one that other processes of
+        # the run share: they may still be making their logs in it
+        if not multirun and distributed.launch_world() == 1:
             remove_unused(Path(hc.runtime.output_dir), f"{hc.job.name}.log")
         fail(err)
     except Stopped as stopped:

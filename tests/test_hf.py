@@ -99,12 +99,8 @@ def test_sift_trainer_trains_a_resnet_on_its_own_batches(tmp_path):
     assert not torch.equal(before, model.net.fc.weight) and trainer.evaluate()["eval_loss"] > 0
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("frac,kept", [(0.5, [4, 3]), (1.0, [8, 6])])
-def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, monkeypatch, name, frac, kept):
-    """Accumulating a batch of 8 and a short one of 6 at frac=0.5 (4 and 3 kept rows) updates as one batch of those
-    7 rows: each kept row weighs 1/7; the Trainer's default, a mean of the two means, would weigh them 1/8 and 1/6.
-    At frac=1, as one batch of all 14 rows."""
+def record_chosen(monkeypatch) -> list[dict]:
+    """The sub-batches SiftTrainer keeps, step by step, as its selection returns them."""
     chosen, choose = [], hf.choose
 
     def recorded(model, batch, *args):
@@ -113,6 +109,16 @@ def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, m
         return keep, scores
 
     monkeypatch.setattr(hf, "choose", recorded)
+    return chosen
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("frac,kept", [(0.5, [4, 3]), (1.0, [8, 6])])
+def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, monkeypatch, name, frac, kept):
+    """Accumulating a batch of 8 and a short one of 6 at frac=0.5 (4 and 3 kept rows) updates as one batch of those
+    7 rows: each kept row weighs 1/7; the Trainer's default, a mean of the two means, would weigh them 1/8 and 1/6.
+    At frac=1, as one batch of all 14 rows."""
+    chosen = record_chosen(monkeypatch)
     tiny, data, _ = FAMILIES[name]
     accumulated = tiny()
     SiftTrainer(accumulated, arguments(tmp_path / "a", 8, 2), train_dataset=data(14), frac=frac).train()
@@ -133,14 +139,7 @@ def test_gradient_accumulation_updates_as_one_batch_of_the_kept_rows(tmp_path, m
 def test_sift_trainer_keeps_the_rows_the_cli_step_keeps(tmp_path, monkeypatch, name, criterion):
     """Its first step against sift-train's train_step, with the Selection and scorer trainer.py builds, on the
     same weights, batch and seed (args.seed)."""
-    chosen, choose = [], hf.choose
-
-    def recorded(model, batch, *args):
-        keep, scores = choose(model, batch, *args)
-        chosen.append({k: v[keep] for k, v in batch.items()})
-        return keep, scores
-
-    monkeypatch.setattr(hf, "choose", recorded)
+    chosen = record_chosen(monkeypatch)
     tiny, rows, _ = FAMILIES[name]
     data = rows(8)
     SiftTrainer(tiny(), arguments(tmp_path, 8, seed=5), train_dataset=data, frac=0.4, exit_layer=2,
