@@ -115,6 +115,11 @@ class CausalLM(nn.Module):
             raise ConfigError(f"model.pretrained={pretrained} has {config.vocab_size:,} token embeddings but the "
                               f"data's tokenizer has {vocab_size:,} tokens; use the tokenizer of the same folder")
 
+    def save_pretrained(self, folder) -> None:
+        """The model as transformers saves it: AutoModelForCausalLM loads it, and model.pretrained takes it back
+        (tuned exits' translators are sift-train's, not the model's: they stay behind)."""
+        self.lm.save_pretrained(folder)
+
     def _check_blocks(self, pretrained: Optional[str]) -> None:
         """The blocks run one by one must give the model's own logits: an architecture that prepares its
         hidden states or logits otherwise (Cohere's scaled logits, soft-capped logits, ALiBi) is refused, not
