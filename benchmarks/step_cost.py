@@ -672,7 +672,8 @@ def main() -> None:
         "(a shared machine: other work runs beside the benchmark)",
         f"- Device: {device}; precision as the app's `trainer.precision={precision}`"
         + (" (bf16 autocast on CUDA, fp32 on CPU)" if precision == "auto" else ""),
-        f"- Overrides beyond model and batch: {' '.join(args.set) or 'none (data=docstrings, or docstrings_causal for a decoder: the standard library, vocabulary 8192)'}",
+        "- Overrides beyond model and batch: " + (' '.join(args.set) or "none (data=docstrings, or docstrings_causal "
+                                                  "for a decoder: the standard library, vocabulary 8192)"),
         f"- {args.reps} interleaved repetitions per arm (fresh random order each); cells are median [min, max];"
         " ratios are paired within a repetition",
         "- Arms vanilla/sift/random: `sift_cli.trainer.fit` itself (data masking, scoring, selection, update, "
