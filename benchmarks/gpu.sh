@@ -130,8 +130,8 @@ if [[ $PART == all || $PART == race ]]; then
 fi
 
 if [[ $PART == decoder || $PART == decoder-race ]]; then
-  # the step cost reads the race's corpus (GPT-2's vocabulary needs more text than the docstrings): nothing to
-  # overlap with its tokenising (about two minutes on 8 cores, then cached)
+  # the race's corpus, tokenised with a vocabulary of GPT-2's size (the step cost's data too): nothing to overlap
+  # with it (about two minutes on 8 cores, then cached)
   tokenise "${decoder_data[@]}" > /tmp/corpus-gpt2.log 2>&1 \
     || { echo "gpu.sh: building the decoder's corpus failed:"; tail -5 /tmp/corpus-gpt2.log; exit 1; }
 fi
