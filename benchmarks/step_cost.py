@@ -1,7 +1,8 @@
 """Cost of one SIFT training step against its floor, and vanilla against a hand-written loop.
 
 Every arm runs the product's own step: `sift_cli.trainer.fit` with a recorder that keeps rows in
-memory, on the model and masked batches the app builds (`conf/model/*.yaml`, `data=docstrings`).
+memory, on the model and batches the app builds (`conf/model/*.yaml`, on the docstrings: masked batches
+for BERT, causal windows for a decoder).
 fit() logs the training clock at every evaluation, so with `trainer.eval_every_steps=W` and
 `trainer.max_steps=W+N` the clock difference between steps W and W+N is the time of N steps after
 W warm-up steps, evaluation excluded. Arms run interleaved, in a fresh order each repetition, so a
@@ -16,6 +17,7 @@ model; the simple estimate k/(3L) + frac stands beside it.
     python benchmarks/step_cost.py --model bert_mini:128x128 --exits 1,L --fracs 0.5 --device cuda
     python benchmarks/step_cost.py --model bert:256x128 --exits 1 --fracs 0.5 --compile both --device cuda
     python benchmarks/step_cost.py --model bert:256x128 --exits 1 --fracs 0.5 --compile off,on,reduce-overhead
+    python benchmarks/step_cost.py --model gpt2_tiny:32x128 --exits 1,L --fracs 0.5   # a decoder (README: Decoders)
 
 On a GPU every fit() arm also gets its host syncs per step and its kernel time per step (torch.profiler),
 split into matrix products, attention and the rest: kernel time over wall time is how busy the GPU
@@ -174,6 +176,19 @@ def full_labels(batch: dict) -> torch.Tensor:
     return labels.scatter(1, batch["mask_positions"], batch["mask_labels"])
 
 
+# what the textbook loop calls, by model family: transformers' own module and its labels= loss, as its examples train
+TEXTBOOK = {"mlm": "`BertForMaskedLM(input_ids, labels=labels).loss`, the MLM head over every position",
+            "causal": "`GPT2LMHeadModel(input_ids, labels=input_ids).loss` (or the decoder's own class) on the "
+                      "window of L+1 tokens, which shifts the labels itself: the app's L next-token predictions"}
+
+
+def textbook_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """transformers' own forward and loss on the app's weights and batch (TEXTBOOK says which)."""
+    if model.task == "causal":
+        return model.lm(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    return model.mlm(input_ids=batch["input_ids"], labels=full_labels(batch)).loss
+
+
 class Bench:
     """One model size: its data, its model (built as sift_cli.train.run builds them), its arms."""
 
@@ -185,7 +200,7 @@ class Bench:
         self.model = instantiate(base.model, **self.data.model_args).to(device)
         self.depth = self.model.depth
         self.autocast = autocast_for(base.trainer.precision, device)
-        # pre-masked batches for the hand-written loops, masked as the app masks them
+        # the batches of the hand-written loops, built (and masked) as the app builds them
         self.batches = [to_device(self.data.train_batch(i, setting.batch, base.seed), device)
                         for i in range(warmup + steps)]
         self.mfu: dict[Arm, list[float]] = {}
@@ -214,7 +229,7 @@ class Bench:
         return (clock[self.warmup + self.steps] - clock[self.warmup]) / self.steps
 
     def _hand_written(self, kind: str) -> float:
-        """What a user would write: AdamW on pre-masked batches, the same precision as the app."""
+        """What a user would write: AdamW on the app's pre-built batches, the same precision as the app."""
         model = self.model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         clock = Clock(self.device)  # the trainer's own stopwatch, so both sides are timed alike
@@ -227,9 +242,9 @@ class Bench:
                 clock.start()
             with self.autocast():
                 if kind == "minimal":
-                    loss = model.loss(batch)  # masked positions only, as the app trains
-                else:  # the transformers textbook: the MLM head over every position
-                    loss = model.mlm(input_ids=batch["input_ids"], labels=full_labels(batch)).loss
+                    loss = model.loss(batch)  # the app's loss (BERT: the masked positions only)
+                else:
+                    loss = textbook_loss(model, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -611,7 +626,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every arm")
     parser.add_argument("--warmup", type=int, default=2, help="steps before the clock counts, each time (at "
                                                                "least 1, at most --steps)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per repetition (bert: a third)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per repetition (bert, gpt2 on a CPU: "
+                                                              "a third)")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--max-profiles", type=int, default=3, help="profiler tables per model at most")
     parser.add_argument("--device", default="auto")
@@ -638,12 +654,13 @@ def main() -> None:
     fracs = [float(f) for f in args.fracs.split(",")]
 
     started, load_before = time.perf_counter(), os.getloadavg()
-    sections, lines, target = [], [], None
+    sections, lines, target, tasks = [], [], None, set()
     for setting in settings:
         steps, warmup = args.steps, min(args.warmup, args.steps)
-        if setting.model == "bert" and device.type == "cpu":  # seconds per step: one warm-up, a third timed
+        if setting.model in ("bert", "gpt2") and device.type == "cpu":  # seconds a step: one warm-up, a third timed
             steps, warmup = max(1, args.steps // 3), 1
         bench = Bench(setting, device, warmup, steps, args.set)
+        tasks.add(bench.model.task)
         arms = arms_for(bench.depth, args.exits, fracs, compile_modes(args.compile))
         print(f"{setting}: {len(arms)} arms x {args.reps} repetitions of {warmup}+{steps} steps", flush=True)
         times = measure(bench, arms, args.reps)
@@ -665,14 +682,15 @@ def main() -> None:
         "(a shared machine: other work runs beside the benchmark)",
         f"- Device: {device}; precision as the app's `trainer.precision={precision}`"
         + (" (bf16 autocast on CUDA, fp32 on CPU)" if precision == "auto" else ""),
-        f"- Overrides beyond model and batch: {' '.join(args.set) or 'none (data=docstrings: the standard library, vocabulary 8192)'}",
+        "- Overrides beyond model and batch: " + (' '.join(args.set) or "none (data=docstrings, or docstrings_causal "
+                                                  "for a decoder: the standard library, vocabulary 8192)"),
         f"- {args.reps} interleaved repetitions per arm (fresh random order each); cells are median [min, max];"
         " ratios are paired within a repetition",
         "- Arms vanilla/sift/random: `sift_cli.trainer.fit` itself (data masking, scoring, selection, update, "
         "scheduler, clock); per-step time = clock difference between two evaluations, warm-up excluded",
         "- minimal: hand-written `loss = model.loss(batch); loss.backward(); opt.step(); opt.zero_grad()` on "
-        "pre-masked batches (the floor for vanilla's loop overhead); textbook: "
-        "`BertForMaskedLM(input_ids, labels=labels).loss`, the MLM head over every position, same weights",
+        "the app's batches, built beforehand (the floor for vanilla's loop overhead); textbook: the same loop on "
+        "transformers' own forward and loss, same weights: " + "; ".join(TEXTBOOK[task] for task in sorted(tasks)),
         "- FLOP floor = FLOPs(scoring pass to exit k, exit head included) / FLOPs(vanilla forward+backward) "
         "+ frac (FlopCounterMode on the real model and batch; the optimizer step is not counted)",
     ]

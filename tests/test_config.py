@@ -21,7 +21,8 @@ def test_every_config_group_choice_composes_and_validates(group, choice):
                       "hf_causal": ["data.name=x", "model=gpt2_tiny"]},
              "model": {"resnet18": ["data=digits"], "resnet50": ["data=digits"],
                        "causal_lm": ["model.pretrained=gpt2"]},  # a hub name: not looked up before the run
-             "experiment": {"tta_gpu": ["data.paths=[a.txt]"]}}  # benchmarks/gpu.sh writes its corpus
+             # benchmarks/gpu.sh writes their corpus
+             "experiment": {"tta_gpu": ["data.paths=[a.txt]"], "tta_gpu_gpt2": ["data.paths=[a.txt]"]}}
     cfg = make_config([f"{group}={choice}", *extra.get(group, {}).get(choice, [])])
     validate(cfg)
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

@@ -57,8 +57,8 @@ def test_the_exit_at_full_depth_is_the_models_own_labels_loss(tmp_path):
 
 
 def test_a_save_pretrained_folder_of_each_architecture_loads_with_its_weights(tmp_path):
-    tiny_model("gpt2").lm.save_pretrained(tmp_path / "gpt2")
-    tiny_model("llama").lm.save_pretrained(tmp_path / "llama")
+    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")  # the model's own export: transformers' form
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
     folders = [tmp_path / "gpt2", tmp_path / "llama", neox_folder(tmp_path / "neox"), qwen2_folder(tmp_path / "qwen2")]
     batch = causal_batch()
     for folder in folders:

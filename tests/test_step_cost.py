@@ -119,3 +119,29 @@ def test_on_a_cpu_the_profiler_prints_no_gpu_probe_or_start_and_stop_lines():
                           text=True, timeout=300, env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr
     assert "gpuGetDeviceCount" not in done.stderr and "profiler_start" not in done.stderr, done.stderr
+
+
+def test_step_cost_times_a_decoder_against_transformers_own_loss(corpus_file, tmp_path, monkeypatch):
+    """The decoder family: fit()'s arms on causal windows, and the textbook loop on GPT2LMHeadModel's labels= loss,
+    which is the app's loss on the same weights and window."""
+    bench = step_cost.Bench(step_cost.Setting.parse("gpt2_tiny:4x32"), torch.device("cpu"), 1, 2,
+                            ["data=text_files_causal", *DATA[1:], f"data.paths=[{corpus_file}]"])
+    batch = bench.batches[0]
+    assert batch["input_ids"].shape == (4, 33)  # a window of seq_len + 1 tokens
+    assert torch.allclose(step_cost.textbook_loss(bench.model, batch), bench.model.loss(batch), atol=1e-5)
+    out = tmp_path / "step_cost.md"
+    monkeypatch.setattr(sys, "argv", [
+        "step_cost.py", "--model", "gpt2_tiny:4x32", "--exits", "1,L", "--fracs", "0.5", "--reps", "1", "--warmup",
+        "1", "--steps", "2", "--max-profiles", "0", "--device", "cpu", "--out", str(out),
+        *[arg for override in ["data=text_files_causal", *DATA[1:], f"data.paths=[{corpus_file}]"]
+          for arg in ("--set", override)]])
+    step_cost.main()
+    report = out.read_text()
+    rows = tables(report)[0]
+    assert list(rows) == ["vanilla", "minimal", "textbook", "random f=0.5", "sift k=1 f=0.5", "sift k=2 f=0.5"]
+    assert all(float(row["ms/step"].split()[0]) > 0 for row in rows.values())
+    assert "GPT2LMHeadModel(input_ids, labels=input_ids)" in report and "BertForMaskedLM" not in report
+    scoring = {k: float(share) for k, share in re.findall(r"k=(\d) [\d.]+ GFLOP \(([\d.]+) of vanilla\)", report)}
+    for k in ("1", "2"):  # the floor is the counted scoring pass plus frac; the deeper exit costs more
+        assert float(rows[f"sift k={k} f=0.5"]["FLOP floor"]) == pytest.approx(scoring[k] + 0.5, abs=2e-3)
+    assert 0 < scoring["1"] < scoring["2"] < 1
