@@ -164,3 +164,25 @@ def test_image_normalisation_takes_one_value_per_channel():
 
     with pytest.raises(ConfigError, match=r"data.mean=\[0.5, 0.5\] is not allowed; give 3 values, one per channel"):
         build(make_config(["data=digits", "data.mean=[0.5,0.5]"]).data)
+
+
+def test_make_runs_advice_is_a_setting_a_committed_report_measured():
+    """The sweep `make run` recommends composes, and pins the setting of the report it cites: BERT-Mini in bf16,
+    720 s a run, the report where every arm left the first plateau."""
+    import re
+
+    from conftest import REPO
+
+    makefile = (REPO / "Makefile").read_text()
+    sweep = re.search(r"sift-train --multirun (.+?)\"", makefile).group(1).split()
+    report = REPO / re.search(r"benchmarks/results/\S+\.md", makefile).group(0)
+    cfg = make_config([o.split(",")[0] for o in sweep])  # the sweep's first job stands for all
+    validate(cfg)
+    setup = report.read_text().split("- Setup")[1].splitlines()[0]
+    for override in ("model=bert_mini", "model.low_precision_layernorm=false", "trainer.precision=bf16",
+                     "trainer.max_time_s=720", "trainer.eval_every_s=20", "trainer.warmup=30"):
+        assert override in setup, override
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.low_precision_layernorm) == (4, 256, False)
+    assert (cfg.trainer.precision, cfg.trainer.max_time_s, cfg.trainer.eval_every_s, cfg.trainer.warmup) == (
+        "bf16", 720, 20, 30)
+    assert list(cfg.data.packages) == ["torch", "transformers"] and cfg.data.seq_len == 64
