@@ -152,19 +152,23 @@ def comparison(runner: Runner, arms: list[str], lr: dict, seeds: list[int], targ
                       cell([x["final_val_acc"] for x in s], len(s), len(s), 4),
                       cell([x["best_val_acc"] for x in s], len(s), len(s), 4)])
     text = [markdown_table(header, table)]
-    # per sample rather than per second: what selection buys, apart from what a step costs
+    # per sample: what selection buys, apart from what a step costs; per second: what the user waits for
     common = min(x["samples_backpropagated"] for x in summaries.values())
-    sizes = [common // 2, common]
+    budget = min(x["train_time_s"] for x in summaries.values())
 
-    def acc_at(arm: str, seed: int, samples: int) -> float:
-        """val_acc at the last evaluation before `samples` samples were back-propagated."""
-        return [r for r in rows[arm, seed] if r["samples_backpropagated"] <= samples][-1]["val_acc"]
+    def acc_at(arm: str, seed: int, key: str, limit: float) -> float:
+        """val_acc at the last evaluation with `key` (samples back-propagated, training seconds) within `limit`."""
+        return [r for r in rows[arm, seed] if r[key] <= limit][-1]["val_acc"]
 
-    text += ["", "**Per sample back-propagated**: val_acc at the last evaluation within the first N samples "
-             "back-propagated (the largest N every run reached, and half of it)", "",
-             markdown_table(["arm"] + [f"N = {n:,}" for n in sizes],
-                            [[arm] + [cell([acc_at(arm, s, n) for s in seeds], len(seeds), len(seeds), 4)
-                                      for n in sizes] for arm in arms])]
+    for key, sizes, what, label in [
+            ("samples_backpropagated", [common // 2, common], "Per sample back-propagated",
+             "samples back-propagated (the largest N every run reached, and half of it)"),
+            ("train_time_s", [budget / 4, budget / 2, 3 * budget / 4], "Per second",
+             "seconds of training (a quarter, half and three quarters of the budget; the end is final val_acc)")]:
+        text += ["", f"**{what}**: val_acc at the last evaluation within the first N {label}", "",
+                 markdown_table(["arm"] + [f"N = {n:,.0f}" for n in sizes],
+                                [[arm] + [cell([acc_at(arm, s, key, n) for s in seeds], len(seeds), len(seeds), 4)
+                                          for n in sizes] for arm in arms])]
     for target in targets:
         target_rows = []
         for arm in arms:
